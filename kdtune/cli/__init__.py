@@ -1,0 +1,1 @@
+"""The ``kdtune`` command line."""

@@ -1,0 +1,117 @@
+import json
+
+import pytest
+
+from kdtune.config.builtins import RECIPES, available_configs, available_recipes, config_recipe
+from tests.cli_utils import ASSETS, assert_user_error, run_kdtune
+
+ECHO_RECIPE = ASSETS / "recipes" / "echo_recipe.py"
+ECHO_CONFIG = ASSETS / "echo.yaml"
+
+
+def test_every_builtin_config_names_a_registered_recipe():
+    for name, path in available_configs().items():
+        assert config_recipe(path) in RECIPES, f"{name}: first line must be '# Recipe: NAME'"
+
+
+def test_ls_lists_recipes_with_their_configs():
+    proc = run_kdtune("ls")
+    assert proc.returncode == 0, proc.stderr
+    for name in available_recipes():
+        assert name in proc.stdout
+    for cfg_name, path in available_configs().items():
+        if config_recipe(path) in available_recipes():
+            assert cfg_name in proc.stdout
+
+
+def test_ls_components():
+    proc = run_kdtune("ls", "--components")
+    assert proc.returncode == 0 and "adamw" in proc.stdout and "torch.optim.AdamW" in proc.stdout
+
+
+def test_cat_applies_overrides():
+    proc = run_kdtune("cat", ECHO_CONFIG, "lr=0.25", "+extra=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.25" in proc.stdout and "extra: 1" in proc.stdout
+
+
+def test_validate_good_and_bad(tmp_path):
+    proc = run_kdtune("validate", ECHO_CONFIG)
+    assert proc.returncode == 0 and "1 components resolve" in proc.stdout, proc.stderr
+    assert_user_error(run_kdtune("validate", ECHO_CONFIG, "+optimizer.lrr=1"), "optimizer", "'lrr'")
+    assert_user_error(run_kdtune("validate", ECHO_CONFIG, "optimizer=adamx"), "cannot resolve component 'adamx'")
+
+
+def test_cp_copies_and_refuses_to_overwrite(tmp_path):
+    names = list(available_recipes()) + list(available_configs())
+    if not names:
+        pytest.skip("no built-in recipe or config yet")
+    for name in names:
+        proc = run_kdtune("cp", name, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    name = names[0]
+    src = available_recipes().get(name) or available_configs()[name]
+    dest = tmp_path / src.name
+    assert dest.read_bytes() == src.read_bytes()
+    dest.write_text("edited")
+    assert_user_error(run_kdtune("cp", name, dest), "exists", "--force")
+    assert dest.read_text() == "edited"  # nothing overwritten
+    assert run_kdtune("cp", name, dest, "--force").returncode == 0
+    assert dest.read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("cat", "no/such_config"), ("unknown config 'no/such_config'",)),
+    (("cat", "missing.yaml"), ("config file 'missing.yaml' does not exist",)),
+    (("cat", ECHO_CONFIG, "kd_ration=0.3"), ("no key 'kd_ration'",)),
+    (("cat", ECHO_CONFIG, "lrr=0.3"), ("did you mean 'lr'",)),
+    (("run", "no_such_recipe", "--config", ECHO_CONFIG), ("unknown recipe 'no_such_recipe'",)),
+    (("run", ECHO_RECIPE, "--config", ECHO_CONFIG, "fail_with=boom"), ("boom",)),
+    (("run", ECHO_RECIPE), ("--config",)),
+    (("frobnicate",), ("invalid choice",)),
+    (("cp", "no_such_thing", "x"), ("neither a built-in recipe nor a built-in config",)),
+    (("plot", "/nonexistent/run"), ("metrics.jsonl",)),
+])
+def test_user_errors_are_one_line_with_status_2(args, fragments):
+    assert_user_error(run_kdtune(*args), *fragments)
+
+
+def test_debug_shows_the_traceback():
+    proc = run_kdtune("--debug", "cat", "no/such_config")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    proc = run_kdtune("cat", "no/such_config", env={"KDTUNE_DEBUG": "1"})
+    assert "Traceback" in proc.stderr
+
+
+def test_download_offline_is_a_clear_error(tmp_path):
+    proc = run_kdtune("download", "Qwen/Qwen2-0.5B-Instruct", "--output-dir", tmp_path / "m",
+                      env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_secret_value_123"})
+    assert_user_error(proc, "Qwen/Qwen2-0.5B-Instruct")
+    assert "hf_secret_value_123" not in proc.stderr + proc.stdout
+
+
+def test_run_dispatches_in_process(tmp_path):
+    out = tmp_path / "out"
+    proc = run_kdtune("run", ECHO_RECIPE, "--config", ECHO_CONFIG, f"output_dir={out}", "lr=0.5")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((out / "rank0.json").read_text())
+    assert got["config"]["optimizer"]["lr"] == 0.5 and "world_size" not in got
+
+
+def test_run_dispatches_through_torchrun(tmp_path):
+    out = tmp_path / "out"
+    proc = run_kdtune("run", "--nproc_per_node", "2", "--standalone", ECHO_RECIPE, "--config", ECHO_CONFIG,
+                      f"output_dir={out}", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    for rank in (0, 1):
+        got = json.loads((out / f"rank{rank}.json").read_text())
+        assert got["world_size"] == 2 and got["rank_sum"] == 1.0
+        assert got["config"]["output_dir"] == str(out)
+
+
+def test_run_user_error_under_torchrun_is_one_line(tmp_path):
+    proc = run_kdtune("run", "--nproc_per_node", "2", "--standalone", ECHO_RECIPE, "--config", ECHO_CONFIG,
+                      f"output_dir={tmp_path}", "fail_with=bad_value", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kdtune: error:")]
+    assert errors == ["kdtune: error: bad_value"] and "Traceback" not in proc.stderr
