@@ -15,4 +15,10 @@ COMPONENTS: dict[str, str] = {
     # --- models and checkpointing (kdtune.models, kdtune.checkpointing) ---
     # --- tokenizers and datasets (kdtune.tokenization, kdtune.datasets) ---
     # --- training (kdtune.training) ---
+    "cosine_with_warmup": "kdtune.training.lr_schedules.get_cosine_schedule_with_warmup",
+    "jsonl_logger": "kdtune.training.metric_logging.JsonlLogger",
+    "stdout_logger": "kdtune.training.metric_logging.StdoutLogger",
+    "tensorboard_logger": "kdtune.training.metric_logging.TensorBoardLogger",
+    "wandb_logger": "kdtune.training.metric_logging.WandBLogger",
+    "multi_logger": "kdtune.training.metric_logging.MultiLogger",
 }
