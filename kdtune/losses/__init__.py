@@ -1,0 +1,30 @@
+"""Distillation losses: cross-entropy and divergences in full, chunked and fused-with-projection forms."""
+
+from kdtune.losses.cross_entropy import CrossEntropyLoss
+from kdtune.losses.divergences import (
+    Divergence,
+    ForwardKLLoss,
+    GeneralizedJSDLoss,
+    ReverseKLLoss,
+    SkewForwardKLLoss,
+    SkewReverseKLLoss,
+    TVDLoss,
+)
+from kdtune.losses.fused import FusedLinearKDLoss
+from kdtune.losses.sparse import TeacherTopK
+from kdtune.losses.token_loss import TokenLoss, count_valid_tokens
+
+__all__ = [
+    "CrossEntropyLoss",
+    "Divergence",
+    "ForwardKLLoss",
+    "FusedLinearKDLoss",
+    "GeneralizedJSDLoss",
+    "ReverseKLLoss",
+    "SkewForwardKLLoss",
+    "SkewReverseKLLoss",
+    "TVDLoss",
+    "TeacherTopK",
+    "TokenLoss",
+    "count_valid_tokens",
+]
