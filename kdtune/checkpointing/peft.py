@@ -23,7 +23,6 @@ from kdtune.modules.lora import ATTN_MODULES, MLP_MODULES, OUTPUT_MODULE, apply_
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
-_PARTS = {"lora_a": "lora_A", "lora_b": "lora_B"}
 
 
 def _hf_module_name(name: str) -> str:
@@ -51,9 +50,7 @@ def _lora_hyperparameters(model: nn.Module) -> tuple[int, float, float]:
     layers = lora_modules(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; call apply_lora first")
-    settings = {
-        (m.rank, m.alpha, m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0) for m in layers.values()
-    }
+    settings = {(m.rank, m.alpha, getattr(m.dropout, "p", 0.0)) for m in layers.values()}
     if len(settings) > 1:
         raise ValueError(f"LoRA layers disagree on (rank, alpha, dropout): {sorted(settings)}")
     return settings.pop()

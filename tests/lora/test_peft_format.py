@@ -60,7 +60,8 @@ def _hf(base_dir):
 
 def _lora_settings(hf):
     return dict(lora_attn_modules=ALL_ATTN, apply_lora_to_mlp=True,
-                apply_lora_to_output=not hf.config.tie_word_embeddings, lora_rank=4, lora_alpha=8)
+                apply_lora_to_output=not hf.config.tie_word_embeddings, lora_rank=4, lora_alpha=8,
+                lora_dropout=0.05)
 
 
 def _logits(hf, tokens):
@@ -79,7 +80,8 @@ def test_peft_loads_kdtune_adapter_with_the_same_logits(base_dir, tmp_path, rand
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
-    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, str(base_dir))
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.05)
+    assert config["base_model_name_or_path"] == str(base_dir)
     expected_targets = ALL_ATTN + ["gate_proj", "up_proj", "down_proj"] + ["lm_head"] * (not ours.config.tie_word_embeddings)
     assert sorted(config["target_modules"]) == sorted(expected_targets)
 
