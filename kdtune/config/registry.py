@@ -14,6 +14,12 @@ COMPONENTS: dict[str, str] = {
     # --- losses (kdtune.losses) ---
     # --- models and checkpointing (kdtune.models, kdtune.checkpointing) ---
     # --- tokenizers and datasets (kdtune.tokenization, kdtune.datasets) ---
+    "tokenizer": "kdtune.tokenization.load_tokenizer",
+    "alpaca": "kdtune.datasets.alpaca_dataset",
+    "chat": "kdtune.datasets.chat_dataset",
+    "text_completion": "kdtune.datasets.text_completion_dataset",
+    "prompts": "kdtune.datasets.prompt_dataset",
+    "arithmetic": "kdtune.datasets.arithmetic_dataset",
     # --- training (kdtune.training) ---
     "cosine_with_warmup": "kdtune.training.lr_schedules.get_cosine_schedule_with_warmup",
     "jsonl_logger": "kdtune.training.metric_logging.JsonlLogger",

@@ -1,0 +1,68 @@
+"""A synthetic task for the demo and tests: multi-digit arithmetic as one-turn chats.
+
+Rows are deterministic in their arguments. The ``train`` and ``test`` splits never share a
+problem: a problem is held out when a hash of it and the seed falls in one bucket of ten.
+"""
+
+import json
+import operator
+from pathlib import Path
+import random
+import zlib
+
+from kdtune.datasets.messages import chat_messages
+from kdtune.datasets.rows import Row
+from kdtune.datasets.sft import SFTDataset, chat_sft_dataset
+from kdtune.errors import KDTuneError
+
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def arithmetic_rows(num_rows: int, *, split: str = "train", seed: int = 0, max_digits: int = 3, ops: str = "+-") -> list[dict]:
+    """``num_rows`` OpenAI-style rows: "What is 407 + 38?" answered "445"."""
+    if split not in ("train", "test"):
+        raise KDTuneError(f"split: expected 'train' or 'test', got {split!r}")
+    if not ops or set(ops) - set(OPERATIONS):
+        raise KDTuneError(f"ops: expected some of {''.join(OPERATIONS)!r}, got {ops!r}")
+    if max_digits < 1:
+        raise KDTuneError(f"max_digits: expected at least 1, got {max_digits}")
+    rng = random.Random(f"{seed}:{split}")
+    rows = []
+    while len(rows) < num_rows:
+        a, b = (rng.randrange(10 ** rng.randint(1, max_digits)) for _ in range(2))
+        op = rng.choice(ops)
+        question = f"{a} {op} {b}"
+        if (zlib.crc32(f"{seed}:{question}".encode()) % 10 == 0) != (split == "test"):
+            continue
+        answer = str(OPERATIONS[op](a, b))
+        rows.append({"messages": [{"role": "user", "content": f"What is {question}?"}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def write_arithmetic_jsonl(path, num_rows: int, **kwargs) -> Path:
+    """Write `arithmetic_rows` to a JSONL file (for `chat_dataset` or `prompt_dataset`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_rows(num_rows, **kwargs)), encoding="utf-8")
+    return path
+
+
+def arithmetic_dataset(
+    tokenizer,
+    *,
+    num_rows: int = 1000,
+    split: str = "train",
+    seed: int = 0,
+    max_digits: int = 3,
+    ops: str = "+-",
+    max_seq_len: int | None = None,
+    train_on_input: bool = False,
+    packed: bool = False,
+) -> SFTDataset:
+    """`arithmetic_rows` as a chat dataset, without a file."""
+    rows = arithmetic_rows(num_rows, split=split, seed=seed, max_digits=max_digits, ops=ops)
+    rows = [Row(f"arithmetic row {i}", row) for i, row in enumerate(rows, 1)]
+    return chat_sft_dataset(
+        tokenizer, rows, chat_messages, name=f"arithmetic dataset ({split})", max_seq_len=max_seq_len,
+        train_on_input=train_on_input, train_on="all", packed=packed, skip_bad_rows=False,
+    )

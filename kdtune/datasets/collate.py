@@ -1,0 +1,39 @@
+"""Batching samples into tensors: right padding for training, left padding for generation."""
+
+import torch
+
+from kdtune.datasets.sft import IGNORE_INDEX
+
+
+def collate(samples: list[dict], pad_id: int, ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
+    """Pad to the longest row: ``tokens`` and ``labels`` ``[B, S]`` (padding: ``pad_id`` / ignored).
+
+    Packed samples (with ``seq_lens``) also give ``input_pos`` ``[B, S]`` and the block-causal
+    ``mask`` ``[B, S, S]`` (True = may attend: same sample, not later), so no token sees another
+    sample; any batch padding forms one more segment of its own.
+    """
+    width = max(len(s["tokens"]) for s in samples)
+    tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), ignore_index, dtype=torch.long)
+    for i, s in enumerate(samples):
+        tokens[i, : len(s["tokens"])] = torch.tensor(s["tokens"], dtype=torch.long)
+        labels[i, : len(s["labels"])] = torch.tensor(s["labels"], dtype=torch.long)
+    batch = {"tokens": tokens, "labels": labels}
+    if "seq_lens" in samples[0]:
+        seq_lens = [list(s["seq_lens"]) + ([width - len(s["tokens"])] if len(s["tokens"]) < width else []) for s in samples]
+        segments = torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in seq_lens])
+        batch["input_pos"] = torch.stack([torch.cat([torch.arange(k) for k in n]) for n in seq_lens])
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        batch["mask"] = (segments[:, :, None] == segments[:, None, :]) & causal
+    return batch
+
+
+def collate_prompts(samples: list[dict], pad_id: int) -> dict:
+    """Left-padded ``prompt`` ``[B, P]`` with ``prompt_lengths`` ``[B]``, so every prompt ends where
+    generation starts; ``completions`` stay a list of id lists."""
+    width = max(len(s["prompt"]) for s in samples)
+    prompt = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(samples):
+        prompt[i, width - len(s["prompt"]) :] = torch.tensor(s["prompt"], dtype=torch.long)
+    lengths = torch.tensor([len(s["prompt"]) for s in samples], dtype=torch.long)
+    return {"prompt": prompt, "prompt_lengths": lengths, "completions": [s["completion"] for s in samples]}

@@ -1,0 +1,108 @@
+"""Tokenized training samples, optionally packed, kept as flat arrays.
+
+Samples are stored as one flat int32 token array and one bool "trained" mask (not Python lists:
+those cost ~36 bytes a token) and become ``{"tokens", "labels"}`` dicts on access. Labels are the
+next-token targets: ``labels[i] = tokens[i + 1]`` where that token is trained, else -100, and the
+last position -100, computed per sample so packing never lets one sample predict the next.
+
+Packing fills rows of exactly ``max_seq_len`` tokens greedily in dataset order; a packed sample
+adds ``input_pos`` (restarting at 0 for each sample) and ``seq_lens`` (the lengths of its samples
+and of its padding), from which `collate` builds the block-causal attention mask.
+"""
+
+from typing import Callable
+
+import numpy as np
+
+from kdtune.datasets.rows import Row, convert_rows
+from kdtune.errors import KDTuneError
+from kdtune.tokenization.chat_template import check_train_on
+
+IGNORE_INDEX = -100
+
+
+class SFTDataset:
+    """Map-style dataset of tokenized samples (usable with a torch DataLoader)."""
+
+    def __init__(self, samples: list[tuple[np.ndarray, np.ndarray]], *, packed: bool, max_seq_len: int | None, pad_id: int, name: str):
+        if not samples or not any(mask[1:].any() for _, mask in samples):
+            raise KDTuneError(
+                f"{name}: every label is masked, so there is nothing to learn; check train_on_input, "
+                f"train_on and that max_seq_len leaves room for the responses"
+            )
+        lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self._tokens = np.concatenate([ids for ids, _ in samples])
+        self._trained = np.concatenate([mask for _, mask in samples])
+        self.pad_id = pad_id
+        self.max_seq_len = max_seq_len
+        self._packs = None
+        if packed:
+            if max_seq_len is None:
+                raise KDTuneError(f"{name}: packed: true needs max_seq_len")
+            self._packs = _greedy_packs(lengths, max_seq_len)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1 if self._packs is None else len(self._packs) - 1
+
+    def __getitem__(self, index: int) -> dict:
+        if self._packs is None:
+            tokens, labels = self._sample(index)
+            return {"tokens": tokens.tolist(), "labels": labels.tolist()}
+        parts = [self._sample(i) for i in range(self._packs[index], self._packs[index + 1])]
+        seq_lens = [len(tokens) for tokens, _ in parts]
+        pad = self.max_seq_len - sum(seq_lens)
+        if pad:
+            parts.append((np.full(pad, self.pad_id), np.full(pad, IGNORE_INDEX)))
+            seq_lens.append(pad)
+        return {
+            "tokens": np.concatenate([t for t, _ in parts]).tolist(),
+            "labels": np.concatenate([lab for _, lab in parts]).tolist(),
+            "input_pos": np.concatenate([np.arange(n) for n in seq_lens]).tolist(),
+            "seq_lens": seq_lens,
+        }
+
+    def _sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self._offsets[index], self._offsets[index + 1]
+        tokens = self._tokens[start:end].astype(np.int64)
+        labels = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)
+        trained = self._trained[start + 1 : end]
+        labels[:-1][trained] = tokens[1:][trained]
+        return tokens, labels
+
+
+def _greedy_packs(lengths: np.ndarray, max_seq_len: int) -> list[int]:
+    """Sample indices where each pack starts (and, last, the end): consecutive samples that fit."""
+    starts, used = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if used + n > max_seq_len and used:
+            starts.append(i)
+            used = 0
+        used += n
+    starts.append(len(lengths))
+    return starts
+
+
+def chat_sft_dataset(
+    tokenizer,
+    rows: list[Row],
+    to_messages: Callable[[dict], list[dict]],
+    *,
+    name: str,
+    max_seq_len: int | None,
+    train_on_input: bool,
+    train_on: str,
+    packed: bool,
+    skip_bad_rows: bool,
+) -> SFTDataset:
+    """Render each row's conversation with the chat template, then tokenize all rows in one batch."""
+    template = tokenizer.require_chat_template()
+    check_train_on(train_on)
+
+    def render(data: dict):
+        return template.render_with_spans(to_messages(data), train_on_input=train_on_input, train_on=train_on)
+
+    rendered = [text_spans for _, text_spans in convert_rows(rows, render, skip_bad_rows)]
+    max_seq_len = max_seq_len or tokenizer.max_seq_len
+    samples = tokenizer.tokenize_rendered(rendered, max_seq_len) if rendered else []
+    return SFTDataset(samples, packed=packed, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, name=name)
