@@ -106,7 +106,7 @@ class LoRALinear(nn.Module):
         layer.reset_lora_parameters()
         if quantize_base:
             layer.quantize_base()
-        return layer
+        return layer.train(linear.training)  # keep the model's train/eval mode (dropout)
 
     def reset_lora_parameters(self) -> None:
         """A as ``nn.Linear`` initializes its weight (Kaiming-uniform, as PEFT does), B at zero."""

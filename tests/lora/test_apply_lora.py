@@ -62,6 +62,11 @@ def test_merged_state_dict_is_base_plus_scaled_update(tiny_decoder, randomize_lo
     torch.testing.assert_close(plain(tokens), model(tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_new_layers_keep_the_model_mode(tiny_decoder):
+    model = apply_lora(tiny_decoder().eval(), lora_dropout=0.5)
+    assert not any(m.training for m in model.modules())
+
+
 def test_base_state_dict_loads_under_native_names(tiny_decoder):
     model = apply_lora(tiny_decoder(seed=1))
     source = tiny_decoder(seed=2)
