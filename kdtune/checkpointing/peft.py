@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdtune.checkpointing.hf_format import to_hf
 from kdtune.errors import KDTuneError
 from kdtune.modules.lora import ATTN_MODULES, MLP_MODULES, OUTPUT_MODULE, apply_lora, lora_modules
 
@@ -26,8 +27,7 @@ _PREFIX = "base_model.model."
 
 
 def _hf_module_name(name: str) -> str:
-    """Native module names are Hugging Face's without the decoder's ``model.`` prefix."""
-    return name if name == OUTPUT_MODULE else f"model.{name}"
+    return to_hf(f"{name}.weight").removesuffix(".weight")
 
 
 def _peft_keys(model: nn.Module, *, with_base: bool = False) -> dict[str, torch.Tensor]:
