@@ -156,5 +156,5 @@ def field(data: dict, name: str, optional: bool = False) -> str:
             return ""
         raise KDTuneError(f"missing field '{name}' (present: {', '.join(map(str, data)) or 'none'})")
     if not isinstance(value, str):
-        raise KDTuneError(f"field '{name}' is a {type(value).__name__}, not a string")
+        raise KDTuneError(f"field '{name}' must be a string, not {type(value).__name__}")
     return value
