@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 # Public entry points, imported on first use so that `import kdtune` stays light (no torch).
 _LAZY = {
+    "load_model": "kdtune.checkpointing",
     "load_tokenizer": "kdtune.tokenization",
 }
 

@@ -13,6 +13,17 @@ COMPONENTS: dict[str, str] = {
     "adamw_4bit": "torchao.optim.AdamW4bit",
     # --- losses (kdtune.losses) ---
     # --- models and checkpointing (kdtune.models, kdtune.checkpointing) ---
+    "qwen2_0_5b": "kdtune.models.qwen2_0_5b",
+    "qwen2_1_5b": "kdtune.models.qwen2_1_5b",
+    "qwen2_5_0_5b": "kdtune.models.qwen2_5_0_5b",
+    "qwen2_5_1_5b": "kdtune.models.qwen2_5_1_5b",
+    "qwen2_5_7b": "kdtune.models.qwen2_5_7b",
+    "qwen3_0_6b": "kdtune.models.qwen3_0_6b",
+    "qwen3_1_7b": "kdtune.models.qwen3_1_7b",
+    "llama3_2_1b": "kdtune.models.llama3_2_1b",
+    "llama3_2_3b": "kdtune.models.llama3_2_3b",
+    "llama3_1_8b": "kdtune.models.llama3_1_8b",
+    "hf_checkpointer": "kdtune.checkpointing.HFCheckpointer",
     # --- tokenizers and datasets (kdtune.tokenization, kdtune.datasets) ---
     "tokenizer": "kdtune.tokenization.load_tokenizer",
     "alpaca": "kdtune.datasets.alpaca_dataset",

@@ -1,0 +1,58 @@
+"""Teacher and student must share a tokenizer; their embedding tables may differ by padding.
+
+Qwen2.5-14B pads its vocabulary to 152,064 rows, Qwen2.5-0.5B to 151,936, for the same 151,665
+tokens. Distillation compares the two distributions over the tokenizer's ids only, so both output
+projections are cut to ``tokenizer_vocab_size`` rows (``model.output_weight[:n]``; the rows beyond
+are padding no token id reaches).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdtune.errors import KDTuneError
+
+
+def _token_table(checkpoint_dir: Path) -> dict[int, str] | None:
+    """id -> token of the checkpoint's ``tokenizer.json`` (vocabulary plus added tokens), or None."""
+    path = checkpoint_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data.get("model", {}).get("vocab", {})
+    table = {i: piece for piece, i in vocab.items()} if isinstance(vocab, dict) else {
+        i: entry[0] for i, entry in enumerate(vocab)  # Unigram: a list of [piece, score]
+    }
+    table.update({t["id"]: t["content"] for t in data.get("added_tokens", [])})
+    return table
+
+
+def check_vocab_compatible(
+    student_dir: str | Path,
+    teacher_dir: str | Path,
+    student_vocab_size: int,
+    teacher_vocab_size: int,
+    tokenizer_vocab_size: int,
+) -> int:
+    """Return the number of output rows both models are scored on (``tokenizer_vocab_size``).
+
+    Raises a KDTuneError when either embedding table is smaller than the tokenizer (it cannot be
+    that model's tokenizer), or when both checkpoints ship a ``tokenizer.json`` and they map some id
+    below ``tokenizer_vocab_size`` to different tokens.
+    """
+    for who, size in (("student", student_vocab_size), ("teacher", teacher_vocab_size)):
+        if size < tokenizer_vocab_size:
+            raise KDTuneError(
+                f"the {who} has {size} embedding rows but the tokenizer has {tokenizer_vocab_size} tokens: "
+                "teacher and student must use the same tokenizer"
+            )
+    student, teacher = _token_table(Path(student_dir)), _token_table(Path(teacher_dir))
+    if student is not None and teacher is not None:
+        for i in range(tokenizer_vocab_size):
+            if student.get(i) != teacher.get(i):
+                raise KDTuneError(
+                    f"different tokenizers: token id {i} is {student.get(i)!r} in {student_dir}/tokenizer.json "
+                    f"but {teacher.get(i)!r} in {teacher_dir}/tokenizer.json"
+                )
+    return tokenizer_vocab_size

@@ -1,0 +1,1 @@
+"""Building blocks of the decoder: attention, RoPE, RMSNorm, MLP, KV cache, LoRA (one file each)."""

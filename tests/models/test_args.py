@@ -1,0 +1,96 @@
+"""Architecture from config.json, the named builders, and the vocabulary check."""
+
+import json
+
+import pytest
+import torch
+
+from kdtune.errors import KDTuneError
+from kdtune.models import ModelArgs, builders, check_vocab_compatible
+from tests.models.tiny import CONFIGS
+
+# Total parameters (billions, as the model cards round them) and, where the card gives it, the
+# non-embedding count: an independent check of every dimension the builders hard-code.
+PUBLISHED_SIZES = {
+    "qwen2_0_5b": (0.49, 0.36),
+    "qwen2_1_5b": (1.54, 1.31),
+    "qwen2_5_0_5b": (0.49, 0.36),
+    "qwen2_5_1_5b": (1.54, 1.31),
+    "qwen2_5_7b": (7.61, 6.53),
+    "qwen3_0_6b": (0.6, 0.44),
+    "qwen3_1_7b": (None, 1.4),  # the card's "1.7B" total is too rounded to check
+    "llama3_2_1b": (1.24, None),
+    "llama3_2_3b": (3.21, None),
+    "llama3_1_8b": (8.03, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
+def test_builders_have_published_sizes(name):
+    with torch.device("meta"):
+        model = getattr(builders, name)()
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.embed_tokens.weight.numel() * (1 if model.args.tie_word_embeddings else 2)
+    expected_total, expected_body = PUBLISHED_SIZES[name]
+    if expected_total is not None:
+        assert total / 1e9 == pytest.approx(expected_total, abs=0.01 + 0.005 * expected_total)
+    if expected_body is not None:
+        assert (total - embeddings) / 1e9 == pytest.approx(expected_body, abs=0.01)
+
+
+def test_variants_read_from_config():
+    qwen2 = ModelArgs.from_hf_config(CONFIGS["qwen2"])
+    assert qwen2.qkv_bias and not qwen2.o_bias and qwen2.tie_word_embeddings and not qwen2.qk_norm
+    qwen3 = ModelArgs.from_hf_config(CONFIGS["qwen3"])
+    assert qwen3.qk_norm and qwen3.head_dim == 32 and not qwen3.qkv_bias
+    llama = ModelArgs.from_hf_config(CONFIGS["llama3_scaled"])
+    assert llama.qkv_bias and llama.o_bias and llama.mlp_bias and llama.rope_scaling["factor"] == 8.0
+    assert ModelArgs.from_hf_config(CONFIGS["llama"]).head_dim == 16
+
+
+def test_rope_parameters_spelling_equals_classic_keys():
+    """Newer transformers write ``rope_parameters`` (theta inside) instead of rope_theta/rope_scaling."""
+    classic = dict(CONFIGS["llama3_scaled"])
+    newer = {k: v for k, v in classic.items() if k not in ("rope_theta", "rope_scaling")}
+    newer["rope_parameters"] = dict(classic["rope_scaling"], rope_theta=classic["rope_theta"])
+    assert ModelArgs.from_hf_config(newer) == ModelArgs.from_hf_config(classic)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "mistral"}, "unsupported model_type 'mistral'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling type 'yarn'"),
+        ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+        ({"hidden_size": None}, None),
+    ],
+)
+def test_unsupported_configs_are_user_errors(change, message):
+    cfg = {k: v for k, v in dict(CONFIGS["llama"], **change).items() if v is not None}
+    with pytest.raises(KDTuneError, match=message or "missing required key 'hidden_size'"):
+        ModelArgs.from_hf_config(cfg, source="ckpt/config.json")
+
+
+def test_builder_mismatch_names_field_and_both_values():
+    args = ModelArgs.from_hf_config(CONFIGS["qwen2"])
+    with pytest.raises(KDTuneError, match=r"ckpt/config.json: num_layers is 3 but the model builder expects 2"):
+        args.check_matches(args.replace(num_layers=3), "ckpt/config.json")
+
+
+def _tokenizer_dir(path, pieces):
+    path.mkdir()
+    vocab = {p: i for i, p in enumerate(pieces[:-1])}
+    added = [{"id": len(pieces) - 1, "content": pieces[-1], "special": True}]
+    (path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab}, "added_tokens": added}))
+    return path
+
+
+def test_vocab_padding_is_cut_and_different_tokenizers_are_refused(tmp_path):
+    same_a = _tokenizer_dir(tmp_path / "a", ["x", "y", "z", "<eos>"])
+    same_b = _tokenizer_dir(tmp_path / "b", ["x", "y", "z", "<eos>"])
+    other = _tokenizer_dir(tmp_path / "c", ["x", "q", "z", "<eos>"])
+    assert check_vocab_compatible(same_a, same_b, 8, 16, tokenizer_vocab_size=4) == 4
+    with pytest.raises(KDTuneError, match=r"token id 1 is 'y' in .*a/tokenizer.json but 'q' in .*c/tokenizer.json"):
+        check_vocab_compatible(same_a, other, 8, 8, tokenizer_vocab_size=4)
+    with pytest.raises(KDTuneError, match="the teacher has 3 embedding rows but the tokenizer has 4 tokens"):
+        check_vocab_compatible(same_a, same_b, 8, 3, tokenizer_vocab_size=4)

@@ -1,0 +1,72 @@
+"""Tiny Hugging Face configs covering every supported variant, and checkpoints made from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdtune.checkpointing import write_random_checkpoint
+from kdtune.checkpointing.hf_format import weight_files
+
+_BASE = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 160,
+    "max_position_embeddings": 256,
+    "hidden_act": "silu",
+    "initializer_range": 0.1,
+}
+
+CONFIGS = {
+    # GQA, untied, plain RoPE
+    "llama": dict(_BASE, model_type="llama", rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
+    # tied, Llama 3.1 rope scaling (bands split across the 8 frequencies), attention and MLP biases
+    "llama3_scaled": dict(
+        _BASE,
+        model_type="llama",
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        num_hidden_layers=3,
+    ),
+    # q/k/v bias, tied
+    "qwen2": dict(_BASE, model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True),
+    # q/k norm, head_dim (32) != hidden/heads (16), untied
+    "qwen3": dict(
+        _BASE,
+        model_type="qwen3",
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        head_dim=32,
+        attention_bias=False,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def make_checkpoint(name: str, out_dir: Path, *, max_shard_size=None, seed: int = 0) -> Path:
+    """A random checkpoint of ``CONFIGS[name]`` whose norm weights are random too (not all ones),
+    so a norm whose weight is ignored cannot go unnoticed."""
+    write_random_checkpoint(CONFIGS[name], out_dir, seed=seed, max_shard_size=max_shard_size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for path in weight_files(out_dir):
+        tensors = {k: t.clone() for k, t in load_file(path).items()}  # no views of the file we rewrite
+        for key, t in tensors.items():
+            if key.endswith("norm.weight"):
+                tensors[key] = 1 + 0.3 * torch.randn(t.shape, generator=gen)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return out_dir
