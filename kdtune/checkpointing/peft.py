@@ -5,6 +5,10 @@ An adapter folder holds ``adapter_model.safetensors`` (keys like
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``) and ``adapter_config.json``.
 Writers put files into the folder they are given; making the write atomic (a temporary step
 folder renamed when complete) is the caller's job.
+
+In a step folder that also holds merged full weights, the adapter goes into the ``adapter/``
+subfolder (``ADAPTER_SUBDIR``): transformers' ``from_pretrained`` applies an adapter it finds next
+to ``config.json`` on top of the weights there, which would add the update twice.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from kdtune.modules.lora import ATTN_MODULES, MLP_MODULES, OUTPUT_MODULE, apply_
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SUBDIR = "adapter"
 _PREFIX = "base_model.model."
 
 
@@ -106,9 +111,17 @@ _REQUIRED = {
 }
 
 
+def find_adapter_dir(path: str | Path) -> Path:
+    """``path`` itself when it holds ``adapter_config.json``, else its ``adapter/`` subfolder when
+    that does (a step folder); otherwise ``path``, so the error names what was asked for."""
+    path = Path(path)
+    nested = path / ADAPTER_SUBDIR
+    return nested if not (path / ADAPTER_CONFIG).is_file() and (nested / ADAPTER_CONFIG).is_file() else path
+
+
 def read_peft_config(adapter_dir: str | Path) -> dict:
     """Parse and check ``adapter_config.json``: KDTuneError names the file and the unsupported key."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG
+    path = find_adapter_dir(adapter_dir) / ADAPTER_CONFIG
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -135,7 +148,7 @@ def read_peft_config(adapter_dir: str | Path) -> dict:
 
 
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, *, quantize_base: bool = False) -> nn.Module:
-    """Load a PEFT LoRA adapter into a native model and return the model.
+    """Load a PEFT LoRA adapter (an adapter folder, or a step folder with one) into a native model.
 
     A model without LoRA layers gets them first, as ``adapter_config.json`` describes (with NF4
     bases when ``quantize_base``); a model that has them must match the adapter exactly. Base
@@ -154,7 +167,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, *, quantize_bas
             lora_dropout=config.get("lora_dropout", 0.0),
             quantize_base=quantize_base,
         )
-    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    path = find_adapter_dir(adapter_dir) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(path))
     except (FileNotFoundError, SafetensorError) as e:
