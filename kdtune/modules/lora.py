@@ -28,11 +28,12 @@ _NF4_BLOCK = 64
 _NF4_SCALER_BLOCK = 256
 
 
-def to_nf4(weight: torch.Tensor) -> torch.Tensor:
+def quantize_nf4(weight: torch.Tensor) -> torch.Tensor:
     """Quantize a weight to NF4 with torchao's block sizes where its size allows.
 
     torchao needs the number of 64-weight blocks to be a multiple of the second-level block; tiny
     (test-sized) layers get the largest power-of-two second-level block that divides it instead.
+    torchao's ``clone`` (so ``copy.deepcopy``) re-quantizes with its defaults and fails on those.
     """
     from torchao.quantization import to_nf4 as torchao_to_nf4  # slow import, only for QLoRA
 
@@ -115,7 +116,7 @@ class LoRALinear(nn.Module):
 
     def quantize_base(self) -> None:
         """Store the frozen base weight in NF4 (QLoRA); the bias, if any, stays as it is."""
-        self.weight = nn.Parameter(to_nf4(self.weight), requires_grad=False)
+        self.weight = nn.Parameter(quantize_nf4(self.weight), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kdtune.errors import KDTuneError
-from kdtune.modules.lora import LoRALinear, to_nf4
+from kdtune.modules.lora import LoRALinear, quantize_nf4
 
 
 def _randomized(layer, seed=3):
@@ -88,7 +88,7 @@ def test_qlora_base_is_nf4_and_matches_the_dequantized_layer(shape):
 def test_nf4_keeps_the_weight_close():
     torch.manual_seed(0)
     w = torch.randn(256, 128) * 0.02
-    err = (to_nf4(w).get_original_weight() - w).abs()
+    err = (quantize_nf4(w).get_original_weight() - w).abs()
     assert err.max() < 0.25 * w.abs().max()  # 4-bit levels: at most about half a level apart
 
 
