@@ -25,6 +25,8 @@ _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|en
 # Files that make up a tokenizer in a Hugging Face checkpoint, copied by `Tokenizer.save`.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
+_ENCODE_CHUNK = 4096  # texts per parallel encode call
+
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
@@ -168,17 +170,21 @@ class Tokenizer:
     def tokenize_rendered(
         self, rendered: list[tuple[str, list[tuple[int, int]]]], max_seq_len: int | None = None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Encode many `render_with_spans` results at once: ``(ids int32, mask bool)`` per item,
-        truncated to ``max_seq_len`` (if given) as `tokenize_messages` describes."""
-        encodings = self._tok.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+        """Encode many `render_with_spans` results in parallel: ``(ids int32, mask bool)`` per item,
+        truncated to ``max_seq_len`` (if given) as `tokenize_messages` describes.
+
+        Chunks bound memory: an encoding with its offsets weighs far more than its ids."""
         out = []
-        for (_, spans), encoding in zip(rendered, encodings):
-            ids = np.array(encoding.ids, dtype=np.int32)
-            mask = np.zeros(len(ids), dtype=bool)
-            for start, end in spans:
-                first, stop = _span_tokens(encoding, start, end)
-                mask[first:stop] = True
-            out.append(self._truncate(ids, mask, max_seq_len))
+        for chunk in range(0, len(rendered), _ENCODE_CHUNK):
+            items = rendered[chunk : chunk + _ENCODE_CHUNK]
+            encodings = self._tok.encode_batch([text for text, _ in items], add_special_tokens=False)
+            for (_, spans), encoding in zip(items, encodings):
+                ids = np.array(encoding.ids, dtype=np.int32)
+                mask = np.zeros(len(ids), dtype=bool)
+                for start, end in spans:
+                    first, stop = _span_tokens(encoding, start, end)
+                    mask[first:stop] = True
+                out.append(self._truncate(ids, mask, max_seq_len))
         return out
 
     def tokenize_messages(

@@ -1,0 +1,82 @@
+"""Loading and tokenizing 50,000 Alpaca-style rows with the Qwen2.5 tokenizer: time, throughput, memory.
+
+The baseline is the obvious per-row loop measured in the same run (`tokenize_messages` on each
+row, lists kept), against `alpaca_dataset` (chat renders per row, parallel batch encodes, flat
+arrays). Each runs in a fresh process, so its peak RSS is its own; "RSS added" is the peak minus
+the RSS once the tokenizer is loaded. Run: python scripts/bench_datasets.py [--rows N] [--tokenizer DIR]
+"""
+
+import argparse
+import json
+import multiprocessing
+from pathlib import Path
+import random
+import resource
+import tempfile
+import time
+
+from kdtune.datasets import alpaca_dataset
+from kdtune.datasets.messages import alpaca_messages
+from kdtune.datasets.rows import load_rows
+from kdtune.tokenization import load_tokenizer
+
+WORDS = "the a model learns to answer questions about data code numbers history science with care and detail".split()
+
+
+def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def text(lo, hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))).capitalize() + "."
+
+    return [{"instruction": text(5, 30), "input": text(0, 20) if rng.random() < 0.4 else "", "output": text(20, 150)}
+            for _ in range(n)]
+
+
+def per_row(tokenizer, path: str) -> tuple[int, int]:
+    samples = [tokenizer.tokenize_messages(alpaca_messages(r.data), train_on="last") for r in load_rows("jsonl", path)]
+    return len(samples), sum(len(ids) for ids, _ in samples)
+
+
+def batched(tokenizer, path: str) -> tuple[int, int]:
+    data = alpaca_dataset(tokenizer, source="jsonl", data_files=path)
+    return len(data), sum(len(data[i]["tokens"]) for i in range(len(data)))
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(method, tokenizer_dir: str, path: str) -> tuple[float, int, int, float, float]:
+    """In a child process: seconds, rows, tokens, peak RSS and RSS added by the method (MiB)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    loaded = peak_rss_mib()
+    start = time.perf_counter()
+    rows, tokens = method(tokenizer, path)
+    seconds = time.perf_counter() - start
+    return seconds, rows, tokens, peak_rss_mib(), peak_rss_mib() - loaded
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--tokenizer", default=str(Path(__file__).parents[1] / "tests/assets/qwen2_5_tokenizer"))
+    args = parser.parse_args()
+
+    methods = {"per-row tokenize_messages (baseline)": per_row, "alpaca_dataset (batched)": batched}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp, multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        path = str(Path(tmp) / "alpaca.jsonl")
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in alpaca_rows(args.rows)))
+        for name, method in methods.items():
+            results[name] = pool.apply(measure, (method, args.tokenizer, path))
+
+    base = results["per-row tokenize_messages (baseline)"][0]
+    print(f"{args.rows} Alpaca-style rows, tokenizer {args.tokenizer}")
+    print(f"{'method':38} {'seconds':>8} {'rows/s':>8} {'tokens/s':>10} {'peak RSS MiB':>13} {'RSS added':>10} {'speedup':>8}")
+    for name, (seconds, rows, tokens, peak, added) in results.items():
+        print(f"{name:38} {seconds:8.2f} {rows / seconds:8.0f} {tokens / seconds:10.0f} {peak:13.0f} {added:10.0f} {base / seconds:7.2f}x")
+    print(f"{tokens} tokens, {tokens / rows:.0f} per row")
+
+if __name__ == "__main__":
+    main()
