@@ -1,13 +1,16 @@
 """Checkpoints in Hugging Face format: load and save (sharded safetensors, atomic step folders),
-recipe state for resuming, random-weight checkpoints, and PEFT adapters (``peft.py``)."""
+recipe state for resuming, random-weight checkpoints, the teacher/student vocabulary check, and
+PEFT adapters (``peft.py``)."""
 
 from kdtune.checkpointing.hf_checkpointer import HFCheckpointer
 from kdtune.checkpointing.loading import load_model
 from kdtune.checkpointing.random_init import write_random_checkpoint
 from kdtune.checkpointing.recipe_state import latest_checkpoint, load_recipe_state, save_recipe_state
+from kdtune.checkpointing.vocab import check_vocab_compatible
 
 __all__ = [
     "HFCheckpointer",
+    "check_vocab_compatible",
     "latest_checkpoint",
     "load_model",
     "load_recipe_state",

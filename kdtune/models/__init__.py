@@ -16,12 +16,10 @@ from kdtune.models.builders import (
     qwen3_0_6b,
     qwen3_1_7b,
 )
-from kdtune.models.vocab import check_vocab_compatible
 
 __all__ = [
     "ModelArgs",
     "TransformerDecoder",
-    "check_vocab_compatible",
     "llama3_1_8b",
     "llama3_2_1b",
     "llama3_2_3b",

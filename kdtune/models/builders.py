@@ -11,7 +11,12 @@ from __future__ import annotations
 from kdtune.models.args import ModelArgs
 from kdtune.models.decoder import TransformerDecoder
 
-_LLAMA3_1_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_1_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 _LLAMA3_2_SCALING = dict(_LLAMA3_1_SCALING, factor=32.0)
 
 

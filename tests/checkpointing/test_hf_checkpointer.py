@@ -17,7 +17,7 @@ from kdtune.checkpointing import (
 )
 from kdtune.checkpointing.hf_format import parse_size
 from kdtune.errors import KDTuneError, user_errors
-from kdtune.models import builders
+from kdtune.models import TransformerDecoder, builders
 from tests.models.tiny import CONFIGS, make_checkpoint
 
 TOKENIZER_FILES = {"tokenizer.json": "{}", "tokenizer_config.json": '{"x": 1}', "generation_config.json": "{}"}
@@ -90,7 +90,7 @@ def test_builder_model_is_checked_and_filled(tmp_path):
     src = _source(tmp_path, "qwen2")
     ckpt = HFCheckpointer(src)
     with torch.device("meta"):
-        model = builders.TransformerDecoder(ckpt.model_args, num_output_chunks=2)
+        model = TransformerDecoder(ckpt.model_args, num_output_chunks=2)
     filled = ckpt.load_model(model)
     assert filled is model and filled.num_output_chunks == 2 and not filled.embed_tokens.weight.is_meta
     with torch.device("meta"):
@@ -118,13 +118,15 @@ def test_recipe_state_beside_weights_and_latest_checkpoint(tmp_path):
     second = ckpt.save(state, step=7, recipe_state=recipe_state)
     (tmp_path / "out" / ".step_9.tmpabc").mkdir()  # a crashed save: never a candidate
     (tmp_path / "out" / "step_11").mkdir()  # no config.json: not complete
-    assert latest_checkpoint(tmp_path / "out") == second
+    third = ckpt.save(state, epoch=1)  # weights only
+    assert latest_checkpoint(tmp_path / "out") == third
     assert latest_checkpoint(tmp_path / "out", with_recipe_state=True) == second
     loaded = load_recipe_state(second)
     assert loaded["step"] == 7 and loaded["data"] == {"sampler_epoch": 1, "position": 42}
     assert torch.equal(loaded["rng"]["torch"], recipe_state["rng"]["torch"])
     assert loaded["rng"]["python"] == recipe_state["rng"]["python"]
-    torch.testing.assert_close(loaded["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    exp_avg = optimizer.state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(loaded["optimizer"]["state"][0]["exp_avg"], exp_avg)
     with pytest.raises(KDTuneError, match="recipe_state.pt: not found"):
         load_recipe_state(first)
 

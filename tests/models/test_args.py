@@ -1,12 +1,10 @@
 """Architecture from config.json, the named builders, and the vocabulary check."""
 
-import json
-
 import pytest
 import torch
 
 from kdtune.errors import KDTuneError
-from kdtune.models import ModelArgs, builders, check_vocab_compatible
+from kdtune.models import ModelArgs, builders
 from tests.models.tiny import CONFIGS
 
 # Total parameters (billions, as the model cards round them) and, where the card gives it, the
@@ -75,22 +73,3 @@ def test_builder_mismatch_names_field_and_both_values():
     args = ModelArgs.from_hf_config(CONFIGS["qwen2"])
     with pytest.raises(KDTuneError, match=r"ckpt/config.json: num_layers is 3 but the model builder expects 2"):
         args.check_matches(args.replace(num_layers=3), "ckpt/config.json")
-
-
-def _tokenizer_dir(path, pieces):
-    path.mkdir()
-    vocab = {p: i for i, p in enumerate(pieces[:-1])}
-    added = [{"id": len(pieces) - 1, "content": pieces[-1], "special": True}]
-    (path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab}, "added_tokens": added}))
-    return path
-
-
-def test_vocab_padding_is_cut_and_different_tokenizers_are_refused(tmp_path):
-    same_a = _tokenizer_dir(tmp_path / "a", ["x", "y", "z", "<eos>"])
-    same_b = _tokenizer_dir(tmp_path / "b", ["x", "y", "z", "<eos>"])
-    other = _tokenizer_dir(tmp_path / "c", ["x", "q", "z", "<eos>"])
-    assert check_vocab_compatible(same_a, same_b, 8, 16, tokenizer_vocab_size=4) == 4
-    with pytest.raises(KDTuneError, match=r"token id 1 is 'y' in .*a/tokenizer.json but 'q' in .*c/tokenizer.json"):
-        check_vocab_compatible(same_a, other, 8, 8, tokenizer_vocab_size=4)
-    with pytest.raises(KDTuneError, match="the teacher has 3 embedding rows but the tokenizer has 4 tokens"):
-        check_vocab_compatible(same_a, same_b, 8, 3, tokenizer_vocab_size=4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdtune.checkpointing.hf_format import read_config
 from kdtune.errors import KDTuneError
 
 
@@ -28,24 +29,20 @@ def _token_table(checkpoint_dir: Path) -> dict[int, str] | None:
     return table
 
 
-def check_vocab_compatible(
-    student_dir: str | Path,
-    teacher_dir: str | Path,
-    student_vocab_size: int,
-    teacher_vocab_size: int,
-    tokenizer_vocab_size: int,
-) -> int:
-    """Return the number of output rows both models are scored on (``tokenizer_vocab_size``).
+def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tokenizer_vocab_size: int) -> int:
+    """Return the number of output rows both checkpoints' models are scored on
+    (``tokenizer_vocab_size``), checked before training starts.
 
-    Raises a KDTuneError when either embedding table is smaller than the tokenizer (it cannot be
-    that model's tokenizer), or when both checkpoints ship a ``tokenizer.json`` and they map some id
-    below ``tokenizer_vocab_size`` to different tokens.
+    Raises a KDTuneError when either ``vocab_size`` in ``config.json`` is smaller than the tokenizer
+    (it cannot be that model's tokenizer), or when both checkpoints ship a ``tokenizer.json`` and
+    they map some id below ``tokenizer_vocab_size`` to different tokens.
     """
-    for who, size in (("student", student_vocab_size), ("teacher", teacher_vocab_size)):
+    for who, folder in (("student", student_dir), ("teacher", teacher_dir)):
+        size = read_config(Path(folder))["vocab_size"]
         if size < tokenizer_vocab_size:
             raise KDTuneError(
-                f"the {who} has {size} embedding rows but the tokenizer has {tokenizer_vocab_size} tokens: "
-                "teacher and student must use the same tokenizer"
+                f"the {who} ({folder}) has {size} embedding rows but the tokenizer has {tokenizer_vocab_size} "
+                "tokens: teacher and student must use the same tokenizer"
             )
     student, teacher = _token_table(Path(student_dir)), _token_table(Path(teacher_dir))
     if student is not None and teacher is not None:

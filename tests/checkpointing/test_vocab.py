@@ -1,0 +1,39 @@
+"""Teacher and student on one tokenizer distill over its ids; different tokenizers are refused."""
+
+import json
+
+import pytest
+
+from kdtune.checkpointing import check_vocab_compatible
+from kdtune.errors import KDTuneError
+
+
+def _checkpoint(path, pieces, vocab_size):
+    """A folder with just what the check reads: config.json's vocab_size and tokenizer.json."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": vocab_size}))
+    vocab = {p: i for i, p in enumerate(pieces[:-1])}
+    added = [{"id": len(pieces) - 1, "content": pieces[-1], "special": True}]
+    tokenizer = {"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added}
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return path
+
+
+def test_padded_vocabularies_are_cut_to_the_tokenizer(tmp_path):
+    student = _checkpoint(tmp_path / "student", ["x", "y", "z", "<eos>"], vocab_size=8)
+    teacher = _checkpoint(tmp_path / "teacher", ["x", "y", "z", "<eos>"], vocab_size=16)
+    assert check_vocab_compatible(student, teacher, tokenizer_vocab_size=4) == 4
+
+
+def test_different_tokenizers_are_refused(tmp_path):
+    student = _checkpoint(tmp_path / "student", ["x", "y", "z", "<eos>"], vocab_size=8)
+    teacher = _checkpoint(tmp_path / "teacher", ["x", "q", "z", "<eos>"], vocab_size=8)
+    with pytest.raises(KDTuneError, match=r"token id 1 is 'y' in .*student/tokenizer.json but 'q' in .*teacher/tok"):
+        check_vocab_compatible(student, teacher, tokenizer_vocab_size=4)
+
+
+def test_embedding_smaller_than_the_tokenizer_is_refused(tmp_path):
+    student = _checkpoint(tmp_path / "student", ["x", "y", "z", "<eos>"], vocab_size=8)
+    teacher = _checkpoint(tmp_path / "teacher", ["x", "y", "z", "<eos>"], vocab_size=3)
+    with pytest.raises(KDTuneError, match=r"the teacher \(.*\) has 3 embedding rows but the tokenizer has 4 tokens"):
+        check_vocab_compatible(student, teacher, tokenizer_vocab_size=4)
