@@ -62,12 +62,15 @@ class Divergence(TokenLoss):
         raise NotImplementedError
 
     def token_values(self, student_logits: torch.Tensor, teacher, targets=None) -> torch.Tensor:
-        log_q = (student_logits / self.temperature).log_softmax(-1)
+        log_q = self._scale(student_logits).log_softmax(-1)
         if isinstance(teacher, TeacherTopK):
             log_q, log_p = teacher.bucket(log_q)
         else:
-            log_p = (upcast(teacher.detach()).to(log_q.dtype) / self.temperature).log_softmax(-1)
+            log_p = self._scale(upcast(teacher.detach()).to(log_q.dtype)).log_softmax(-1)
         return self.per_token(log_q, log_p)
+
+    def _scale(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.temperature == 1 else logits / self.temperature
 
 
 class ForwardKLLoss(Divergence):

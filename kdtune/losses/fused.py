@@ -35,7 +35,7 @@ class FusedLinearKDLoss(nn.Module):
     ``chunk_size × V``: a few float32 ``[chunk_size, V]`` tensors.
     """
 
-    def __init__(self, divergence: Divergence, kd_ratio: float = 0.5, chunk_size: int = 256):
+    def __init__(self, divergence: Divergence, kd_ratio: float = 0.5, chunk_size: int = 128):
         super().__init__()
         if not 0 <= kd_ratio <= 1:
             raise KDTuneError(f"loss kd_ratio: expected a value in [0, 1], got {kd_ratio!r}")

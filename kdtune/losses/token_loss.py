@@ -9,7 +9,6 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from kdtune.errors import KDTuneError
 from kdtune.losses.sparse import TeacherTopK
@@ -45,7 +44,8 @@ class TokenLoss(nn.Module):
     ``forward(student_logits, teacher, labels)`` takes either full ``[B, S, V]`` tensors or lists of
     chunks along the sequence dimension (as a model returns them); ``teacher`` may be dense logits,
     a :class:`TeacherTopK`, a list of either, or None for losses that use only the labels. Each
-    chunk is checkpointed, so its float32 intermediates live only while it is being computed.
+    chunk is differentiated as soon as it is computed, so only its gradient (the size of the chunk,
+    in its dtype) outlives it, never its float32 intermediates.
 
     ``reduction="mean"`` divides by the batch's valid tokens; ``"sum"`` returns the sum, to divide
     by :func:`count_valid_tokens` accumulated over a whole optimizer step. ``vocab_size`` cuts
@@ -85,7 +85,7 @@ class TokenLoss(nn.Module):
         if len(teachers) != len(student_logits):
             raise ValueError(f"{len(student_logits)} student chunks but {len(teachers)} teacher chunks")
         total = sum(
-            checkpoint(self._sum, s, t, y, use_reentrant=False)
+            _EagerChunk.apply(s, t, y, self) if s.requires_grad and torch.is_grad_enabled() else self._sum(s, t, y)
             for s, t, y in zip(student_logits, teachers, labels.split(sizes, dim=1))
         )
         return normalize(total, count, self.reduction)
@@ -102,6 +102,22 @@ class TokenLoss(nn.Module):
         elif isinstance(teacher, TeacherTopK):
             teacher = teacher.flat().rows(keep)
         return self.token_values(upcast(rows), teacher, labels[keep]).sum()
+
+
+class _EagerChunk(torch.autograd.Function):
+    """A chunk's summed loss whose gradient is computed in the forward pass and kept for backward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, loss: TokenLoss):
+        with torch.enable_grad():
+            leaf = student.detach().requires_grad_()
+            total = loss._sum(leaf, teacher, labels)
+            (ctx.grad,) = torch.autograd.grad(total, leaf)
+        return total.detach()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        return ctx.grad * grad_total.to(ctx.grad.dtype), None, None, None
 
 
 def _split(teacher, sizes: list[int]) -> list:

@@ -1,0 +1,195 @@
+"""Benchmark the distillation loss forms at the Qwen2-0.5B output head.
+
+Each (form, token count, weight mode) runs in its own subprocess, so peak memory is that form's
+alone: peak RSS growth over the state after setup on CPU (the kernel's VmHWM, reset after setup),
+``torch.cuda.max_memory_allocated`` growth on CUDA. Time is one forward+backward after a small
+warm-up. Ratios are against the full-logits form measured in the same run.
+
+The student head is Qwen2-0.5B's (V = 151,936, hidden 896), the teacher's Qwen2-1.5B's (hidden
+1536), all bf16. "frozen" leaves the student's output weight without gradient (LoRA), "trainable"
+also computes it (full fine-tuning, tied embeddings). Every form computes
+``0.5 * CE + 0.5 * divergence`` from hidden states, so the output projections are included.
+
+    python scripts/bench_losses.py [--tokens 2048 8192] [--weights frozen trainable] [--device cpu]
+
+The defaults (frozen weight, both sizes) take about 5 minutes on 2 CPU cores.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from kdtune.losses import CrossEntropyLoss, FusedLinearKDLoss
+from kdtune.losses.divergences import ForwardKLLoss, GeneralizedJSDLoss, ReverseKLLoss, TVDLoss
+
+VOCAB, D_STUDENT, D_TEACHER = 151_936, 896, 1536
+OUTPUT_CHUNKS = 8  # how many sequence chunks the chunked form gets, as torchtune's recipes use
+DIVERGENCES = {"forward_kl": ForwardKLLoss, "reverse_kl": ReverseKLLoss, "jsd": GeneralizedJSDLoss, "tvd": TVDLoss}
+FORMS = ["full", "chunked", "fused", "torchtune", "trl"]
+GiB = 2**30
+
+
+def make_inputs(tokens: int, trainable: bool, device: str) -> dict:
+    g = torch.Generator(device).manual_seed(0)
+    bf16 = {"dtype": torch.bfloat16, "device": device, "generator": g}
+    labels = torch.randint(0, VOCAB, (1, tokens), generator=g, device=device)
+    labels[0, torch.arange(0, tokens, 32, device=device)] = -100  # some ignored positions
+    return {
+        "hidden": torch.randn(1, tokens, D_STUDENT, **bf16).requires_grad_(),
+        "weight": (torch.randn(VOCAB, D_STUDENT, **bf16) * 0.02).requires_grad_(trainable),
+        "t_hidden": torch.randn(1, tokens, D_TEACHER, **bf16),
+        "t_weight": torch.randn(VOCAB, D_TEACHER, **bf16) * 0.02,
+        "labels": labels,
+    }
+
+
+def step(form: str, x: dict, divergence, chunk_size: int) -> None:
+    """One forward+backward of ``0.5 * CE + 0.5 * KD`` from hidden states."""
+    if form == "fused":
+        fused = FusedLinearKDLoss(divergence, kd_ratio=0.5, chunk_size=chunk_size)
+        fused(x["hidden"], x["weight"], x["t_hidden"], x["t_weight"], x["labels"])[0].backward()
+        return
+    split = -(-x["hidden"].shape[1] // OUTPUT_CHUNKS)
+    if form == "full":
+        student = x["hidden"] @ x["weight"].T
+        with torch.no_grad():
+            teacher = x["t_hidden"] @ x["t_weight"].T
+    else:
+        student = [h @ x["weight"].T for h in x["hidden"].split(split, dim=1)]
+        with torch.no_grad():
+            teacher = [h @ x["t_weight"].T for h in x["t_hidden"].split(split, dim=1)]
+    ce = CrossEntropyLoss()(student, x["labels"])
+    if form in ("full", "chunked"):
+        kd = divergence(student, teacher, x["labels"])
+    elif form == "torchtune":
+        from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+
+        kd = ForwardKLWithChunkedOutputLoss(num_output_chunks=len(student))(student, teacher, x["labels"])
+    else:  # trl
+        from trl import GKDTrainer
+
+        mask = (x["labels"] != -100).unsqueeze(-1)
+        kd = GKDTrainer.generalized_jsd_loss(student * mask, teacher * mask, x["labels"], beta=0.5)
+    (0.5 * ce + 0.5 * kd).backward()
+
+
+def peak_reset(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+    return _vm("VmHWM")
+
+
+def peak_read(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _vm("VmHWM")
+
+
+def _vm(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def worker(args) -> None:
+    divergence = DIVERGENCES[args.divergence]()
+    tokens = args.tokens[0]
+    x = make_inputs(tokens, args.weights == "trainable", args.device)
+    warm = {k: v[:, :64] if k in ("hidden", "t_hidden", "labels") else v for k, v in x.items()}
+    step(args.form, warm, divergence, args.chunk_size)
+    x["hidden"].grad = x["weight"].grad = None
+    base = peak_reset(args.device)
+    start = time.perf_counter()
+    step(args.form, x, divergence, args.chunk_size)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_extra": peak_read(args.device) - base}))
+
+
+def importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+def available_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+
+
+def run(form: str, tokens: int, weights: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", form, "--tokens", str(tokens), "--weights", weights,
+           "--divergence", args.divergence, "--chunk-size", str(args.chunk_size), "--device", args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"note": f"failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--weights", nargs="+", choices=["frozen", "trainable"], default=["frozen"])
+    p.add_argument("--divergence", choices=sorted(DIVERGENCES), default="forward_kl")
+    p.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk of the fused form")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--worker", choices=FORMS, dest="form", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.form:
+        return worker(args)
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"# torch {torch.__version__}, device {args.device}"
+          f" ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{cpu}, {os.cpu_count()} cores'}),"
+          f" divergence {args.divergence}, fused chunk_size {args.chunk_size}, {OUTPUT_CHUNKS} output chunks")
+    print("| tokens | student weight | form | fwd+bwd s | time vs full | peak extra GiB | memory vs full |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    notes = []
+    per_token = {}  # (weights, form) -> peak bytes per token measured at the first size
+    for tokens in args.tokens:
+        for weights in args.weights:
+            baseline = None
+            for form in FORMS:
+                if form in ("torchtune", "trl") and not importable(form):
+                    note = f"{form} is not importable: its row is skipped"
+                    notes += [note] if note not in notes else []
+                    continue
+                # Forms holding [N, V] tensors scale linearly with N: skip what would not fit.
+                need = per_token.get((weights, form), 0) * tokens if form != "fused" else 0
+                free = available_memory(args.device)
+                if need > 0.8 * free:
+                    print(f"| {tokens} | {weights} | {form} | — | — | — | — |  skipped: needs ~{need / GiB:.0f} GiB,"
+                          f" {free / GiB:.0f} GiB available")
+                    continue
+                r = run(form, tokens, weights, args)
+                if "note" in r:
+                    print(f"| {tokens} | {weights} | {form} | — | — | — | — | {r['note']}")
+                    continue
+                per_token.setdefault((weights, form), r["peak_extra"] / tokens)
+                if form == "full":
+                    baseline = r
+                ratio_t = f"{r['seconds'] / baseline['seconds']:.2f}x" if baseline else "—"
+                ratio_m = f"{r['peak_extra'] / baseline['peak_extra']:.3f}x" if baseline else "—"
+                print(f"| {tokens} | {weights} | {form} | {r['seconds']:.1f} | {ratio_t} |"
+                      f" {r['peak_extra'] / GiB:.2f} | {ratio_m} |", flush=True)
+    for note in notes:
+        print(f"\nNote: {note}.")
+
+
+if __name__ == "__main__":
+    main()
