@@ -12,6 +12,14 @@ COMPONENTS: dict[str, str] = {
     "adamw_8bit": "torchao.optim.AdamW8bit",
     "adamw_4bit": "torchao.optim.AdamW4bit",
     # --- losses (kdtune.losses) ---
+    "forward_kl": "kdtune.losses.ForwardKLLoss",
+    "reverse_kl": "kdtune.losses.ReverseKLLoss",
+    "jsd": "kdtune.losses.GeneralizedJSDLoss",
+    "skew_forward_kl": "kdtune.losses.SkewForwardKLLoss",
+    "skew_reverse_kl": "kdtune.losses.SkewReverseKLLoss",
+    "tvd": "kdtune.losses.TVDLoss",
+    "cross_entropy": "kdtune.losses.CrossEntropyLoss",
+    "fused_kd": "kdtune.losses.FusedLinearKDLoss",
     # --- models and checkpointing (kdtune.models, kdtune.checkpointing) ---
     "qwen2_0_5b": "kdtune.models.qwen2_0_5b",
     "qwen2_1_5b": "kdtune.models.qwen2_1_5b",
