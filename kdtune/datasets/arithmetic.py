@@ -18,7 +18,9 @@ from kdtune.errors import KDTuneError
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
-def arithmetic_rows(num_rows: int, *, split: str = "train", seed: int = 0, max_digits: int = 3, ops: str = "+-") -> list[dict]:
+def arithmetic_rows(
+    num_rows: int, *, split: str = "train", seed: int = 0, max_digits: int = 3, ops: str = "+-"
+) -> list[dict]:
     """``num_rows`` OpenAI-style rows: "What is 407 + 38?" answered "445"."""
     if split not in ("train", "test"):
         raise KDTuneError(f"split: expected 'train' or 'test', got {split!r}")
@@ -35,7 +37,8 @@ def arithmetic_rows(num_rows: int, *, split: str = "train", seed: int = 0, max_d
         if (zlib.crc32(f"{seed}:{question}".encode()) % 10 == 0) != (split == "test"):
             continue
         answer = str(OPERATIONS[op](a, b))
-        rows.append({"messages": [{"role": "user", "content": f"What is {question}?"}, {"role": "assistant", "content": answer}]})
+        chat = [{"role": "user", "content": f"What is {question}?"}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": chat})
     return rows
 
 

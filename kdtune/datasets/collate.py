@@ -20,7 +20,8 @@ def collate(samples: list[dict], pad_id: int, ignore_index: int = IGNORE_INDEX) 
         labels[i, : len(s["labels"])] = torch.tensor(s["labels"], dtype=torch.long)
     batch = {"tokens": tokens, "labels": labels}
     if "seq_lens" in samples[0]:
-        seq_lens = [list(s["seq_lens"]) + ([width - len(s["tokens"])] if len(s["tokens"]) < width else []) for s in samples]
+        pads = [width - len(s["tokens"]) for s in samples]
+        seq_lens = [list(s["seq_lens"]) + ([pad] if pad else []) for s, pad in zip(samples, pads)]
         segments = torch.stack([torch.repeat_interleave(torch.arange(len(n)), torch.tensor(n)) for n in seq_lens])
         batch["input_pos"] = torch.stack([torch.cat([torch.arange(k) for k in n]) for n in seq_lens])
         causal = torch.ones(width, width, dtype=torch.bool).tril()

@@ -32,8 +32,10 @@ def chat_messages(data: dict, style: str = "auto") -> list[dict]:
     turns = data.get(column)
     if turns is None:
         raise KDTuneError(f"missing field '{column}' (present: {', '.join(map(str, data)) or 'none'})")
-    if not isinstance(turns, list) or not turns:
-        raise KDTuneError(f"field '{column}' is an empty conversation" if turns == [] else f"field '{column}' is not a list")
+    if not isinstance(turns, list):
+        raise KDTuneError(f"field '{column}' is not a list")
+    if not turns:
+        raise KDTuneError(f"field '{column}' is an empty conversation")
     messages = []
     for i, turn in enumerate(turns, 1):
         if not isinstance(turn, dict):

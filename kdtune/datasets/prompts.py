@@ -78,9 +78,11 @@ def prompt_dataset(
     kept = [s for s in samples if max_prompt_len is None or len(s[0]) <= max_prompt_len]
     name = f"prompt dataset {source} {data_files or ''}".strip()
     if not kept:
-        raise KDTuneError(f"{name}: no prompts" + (f" of at most max_prompt_len={max_prompt_len} tokens" if samples else ""))
+        limit = f" of at most max_prompt_len={max_prompt_len} tokens" if samples else ""
+        raise KDTuneError(f"{name}: no prompts{limit}")
     if len(kept) < len(samples):
-        warnings.warn(f"{name}: dropped {len(samples) - len(kept)} prompts longer than {max_prompt_len} tokens", stacklevel=2)
+        dropped = len(samples) - len(kept)
+        warnings.warn(f"{name}: dropped {dropped} prompts longer than {max_prompt_len} tokens", stacklevel=2)
     return PromptDataset(kept)
 
 

@@ -23,6 +23,10 @@ class Row(NamedTuple):
     error: str | None = None  # why the row could not even be read
 
 
+def _json_row(where: str, record) -> Row:
+    return Row(where, record) if isinstance(record, dict) else Row(where, {}, "not a JSON object")
+
+
 def _json_rows(path: Path) -> Iterable[Row]:
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):  # one JSON array; otherwise JSON lines, as the json loaders accept
@@ -30,12 +34,12 @@ def _json_rows(path: Path) -> Iterable[Row]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise KDTuneError(f"{path}: not valid JSON: {e}") from None
-        yield from (Row(f"{path} row {i} (1-based)", r) for i, r in enumerate(records, 1))
+        yield from (_json_row(f"{path} row {i} (1-based)", r) for i, r in enumerate(records, 1))
         return
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                yield Row(f"{path} line {number}", json.loads(line))
+                yield _json_row(f"{path} line {number}", json.loads(line))
             except json.JSONDecodeError as e:
                 yield Row(f"{path} line {number}", {}, f"not valid JSON: {e}")
 

@@ -24,7 +24,15 @@ IGNORE_INDEX = -100
 class SFTDataset:
     """Map-style dataset of tokenized samples (usable with a torch DataLoader)."""
 
-    def __init__(self, samples: list[tuple[np.ndarray, np.ndarray]], *, packed: bool, max_seq_len: int | None, pad_id: int, name: str):
+    def __init__(
+        self,
+        samples: list[tuple[np.ndarray, np.ndarray]],
+        *,
+        packed: bool,
+        max_seq_len: int | None,
+        pad_id: int,
+        name: str,
+    ):
         if not samples or not any(mask[1:].any() for _, mask in samples):
             raise KDTuneError(
                 f"{name}: every label is masked, so there is nothing to learn; check train_on_input, "
@@ -46,6 +54,9 @@ class SFTDataset:
         return len(self._offsets) - 1 if self._packs is None else len(self._packs) - 1
 
     def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index %= len(self)
         if self._packs is None:
             tokens, labels = self._sample(index)
             return {"tokens": tokens.tolist(), "labels": labels.tolist()}

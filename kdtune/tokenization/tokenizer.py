@@ -138,8 +138,12 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """`encode` for many texts at once, in parallel."""
-        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+        """`encode` for many texts at once, in parallel (in chunks: an encoding weighs more than its ids)."""
+        out = []
+        for chunk in range(0, len(texts), _ENCODE_CHUNK):
+            part = texts[chunk : chunk + _ENCODE_CHUNK]
+            out.extend(e.ids for e in self._tok.encode_batch_fast(part, add_special_tokens=add_special_tokens))
+        return out
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -165,15 +169,14 @@ class Tokenizer:
         self, messages: list[dict], *, train_on_input: bool = False, train_on: str = "all"
     ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans to train on (see `tokenize_messages`)."""
-        return self.require_chat_template().render_with_spans(messages, train_on_input=train_on_input, train_on=train_on)
+        template = self.require_chat_template()
+        return template.render_with_spans(messages, train_on_input=train_on_input, train_on=train_on)
 
     def tokenize_rendered(
         self, rendered: list[tuple[str, list[tuple[int, int]]]], max_seq_len: int | None = None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Encode many `render_with_spans` results in parallel: ``(ids int32, mask bool)`` per item,
-        truncated to ``max_seq_len`` (if given) as `tokenize_messages` describes.
-
-        Chunks bound memory: an encoding with its offsets weighs far more than its ids."""
+        truncated to ``max_seq_len`` (if given) as `tokenize_messages` describes."""
         out = []
         for chunk in range(0, len(rendered), _ENCODE_CHUNK):
             items = rendered[chunk : chunk + _ENCODE_CHUNK]

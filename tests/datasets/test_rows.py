@@ -83,14 +83,16 @@ def test_hub_dataset_files_by_split(tmp_path, monkeypatch):
 
 def test_bad_rows_name_file_and_line_or_are_skipped(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text('{"q": "ok"}\n{"x": 1}\n\n{broken\n{"q": 3}\n')
+    path.write_text('{"q": "ok"}\n{"x": 1}\n\n{broken\n{"q": 3}\n[1]\n')
     rows = load_rows("jsonl", path)
-    with pytest.raises(KDTuneError, match=rf"{path} line 2: missing field 'q' \(present: x\) \(and 2 more bad rows\)"):
+    with pytest.raises(KDTuneError, match=rf"{path} line 2: missing field 'q' \(present: x\) \(and 3 more bad rows\)"):
         convert_rows(rows, lambda d: field(d, "q"), skip_bad_rows=False)
-    with pytest.warns(UserWarning, match=rf"skipped 3 bad rows of 4; the first: {path} line 2"):
+    with pytest.warns(UserWarning, match=rf"skipped 4 bad rows of 5; the first: {path} line 2"):
         good = convert_rows(rows, lambda d: field(d, "q"), skip_bad_rows=True)
     assert [value for _, value in good] == ["ok"]
     with pytest.raises(KDTuneError, match="line 4: not valid JSON"):
         convert_rows(rows[2:3], lambda d: d, skip_bad_rows=False)
     with pytest.raises(KDTuneError, match="line 5: field 'q' must be a string, not int"):
-        convert_rows(rows[3:], lambda d: field(d, "q"), skip_bad_rows=False)
+        convert_rows(rows[3:4], lambda d: field(d, "q"), skip_bad_rows=False)
+    with pytest.raises(KDTuneError, match="line 6: not a JSON object"):
+        convert_rows(rows[4:], lambda d: d, skip_bad_rows=False)

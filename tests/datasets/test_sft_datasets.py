@@ -73,7 +73,9 @@ def test_chat_openai_sharegpt_and_auto(tok, tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [openai, sharegpt])
     auto = chat_dataset(tok, source="jsonl", data_files=str(path))
     tokens, labels = expected_labels(tok, openai["messages"])
-    assert auto[0] == auto[1] == {"tokens": tokens, "labels": labels}
+    assert auto[0] == auto[1] == auto[-1] == {"tokens": tokens, "labels": labels}
+    with pytest.raises(IndexError):
+        auto[2]
     last = chat_dataset(tok, source="jsonl", data_files=str(path), train_on="last", split="train[:1]")
     assert len(last) == 1
     assert tok.decode([t for t in last[0]["labels"] if t != IGNORE_INDEX]) == "Ciao<|im_end|>"
