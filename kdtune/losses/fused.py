@@ -53,16 +53,14 @@ class FusedLinearKDLoss(nn.Module):
         keep = (labels != self.divergence.ignore_index).nonzero().squeeze(1)
         if teacher_hidden is None and self.kd_ratio > 0:
             raise ValueError("FusedLinearKDLoss: a teacher is required when kd_ratio > 0")
+        dense = teacher_hidden is not None and not isinstance(teacher_hidden, TeacherTopK)
+        vocab = self.divergence.common_vocab(student_weight.shape[0], teacher_weight.shape[0] if dense else None)
         teacher = None
-        vocab = student_weight.shape[0]
         if isinstance(teacher_hidden, TeacherTopK):
             teacher = teacher_hidden.flat().rows(keep)
-        elif teacher_hidden is not None:
-            vocab = self.divergence.common_vocab(vocab, teacher_weight.shape[0])
+        elif dense:
             rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, keep)
             teacher = (rows, teacher_weight.detach()[:vocab])
-        elif self.divergence.vocab_size is not None:
-            vocab = self.divergence.common_vocab(vocab, None)
         return _FusedKD.apply(hidden, student_weight[:vocab], keep, labels[keep], teacher, self,
                               self._normalizer(keep.numel(), num_valid_tokens))
 
@@ -124,7 +122,7 @@ class _FusedKD(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
         grad_hidden = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = ctx.grad_hidden * grad_loss.to(ctx.grad_hidden.dtype)
+            grad_hidden = ctx.grad_hidden * grad_loss
         if ctx.needs_input_grad[1]:
             grad_weight = (ctx.grad_weight * grad_loss).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None

@@ -117,7 +117,7 @@ class _EagerChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        return ctx.grad * grad_total.to(ctx.grad.dtype), None, None, None
+        return ctx.grad * grad_total, None, None, None
 
 
 def _split(teacher, sizes: list[int]) -> list:
