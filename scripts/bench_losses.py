@@ -55,7 +55,7 @@ def step(form: str, x: dict, divergence, chunk_size: int) -> None:
         fused(x["hidden"], x["weight"], x["t_hidden"], x["t_weight"], x["labels"])[0].backward()
         return
     split = -(-x["hidden"].shape[1] // OUTPUT_CHUNKS)
-    if form == "full":
+    if form in ("full", "trl"):
         student = x["hidden"] @ x["weight"].T
         with torch.no_grad():
             teacher = x["t_hidden"] @ x["t_weight"].T
@@ -73,8 +73,7 @@ def step(form: str, x: dict, divergence, chunk_size: int) -> None:
     else:  # trl
         from trl import GKDTrainer
 
-        mask = (x["labels"] != -100).unsqueeze(-1)
-        kd = GKDTrainer.generalized_jsd_loss(student * mask, teacher * mask, x["labels"], beta=0.5)
+        kd = GKDTrainer.generalized_jsd_loss(student, teacher, x["labels"], beta=0.5)  # JSD, whatever --divergence
     (0.5 * ce + 0.5 * kd).backward()
 
 
