@@ -1,0 +1,43 @@
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p."""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """``logits`` ``[B, V]`` with every token outside the top-k / top-p set at ``-inf``.
+
+    top-k keeps the ``k`` largest logits (ties at the k-th value are all kept). top-p (nucleus)
+    keeps the smallest set of most probable tokens whose probability reaches ``top_p``: a token
+    stays when the tokens more probable than it hold less than ``top_p`` in total, so the most
+    probable token always stays. top-k applies first, top-p to what remains.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token ``[B]`` for logits ``[B, V]``: the argmax when ``temperature`` is 0, else a
+    draw from ``softmax(filter_logits(logits / temperature))``."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k=top_k, top_p=top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

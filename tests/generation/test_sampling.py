@@ -1,0 +1,68 @@
+"""top-k / top-p filtering against a direct formula, and the sampled frequencies."""
+
+import math
+
+import pytest
+import torch
+
+from kdtune.generation import filter_logits, sample_next
+
+
+def kept_by_formula(probs: list[float], top_k=None, top_p=None) -> set[int]:
+    """Tokens kept: the k most probable, then (renormalized) those whose more probable tokens hold
+    less than top_p."""
+    kept = set(range(len(probs)))
+    if top_k is not None:
+        kept = set(sorted(kept, key=lambda i: -probs[i])[:top_k])
+    if top_p is not None:
+        total = sum(probs[i] for i in kept)
+        kept = {i for i in kept if sum(probs[j] for j in kept if probs[j] > probs[i]) / total < top_p}
+    return kept
+
+
+PROBS = [0.05, 0.4, 0.1, 0.25, 0.2]
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, expected",
+    [
+        (2, None, {1, 3}),
+        (None, 0.6, {1, 3}),  # 0.4 < 0.6 keeps token 3; 0.65 >= 0.6 drops token 4
+        (None, 0.7, {1, 3, 4}),
+        (None, 0.3, {1}),  # the most probable token always stays
+        (3, 0.5, {1, 3}),  # after top-3 the mass before token 4 is 0.65 / 0.85 > 0.5
+        (None, 1.0, {0, 1, 2, 3, 4}),
+    ],
+)
+def test_filter_on_a_hand_made_distribution(top_k, top_p, expected):
+    logits = torch.tensor([PROBS]).log()
+    kept = filter_logits(logits, top_k=top_k, top_p=top_p)[0].isfinite().nonzero().flatten().tolist()
+    assert set(kept) == expected == kept_by_formula(PROBS, top_k, top_p)
+
+
+def test_filter_matches_the_formula_on_random_rows():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 30, generator=gen) * 2
+    for top_k, top_p in [(5, None), (None, 0.8), (10, 0.9), (None, 0.2)]:
+        out = filter_logits(logits, top_k=top_k, top_p=top_p)
+        for row, filtered in zip(logits, out):
+            probs = row.double().softmax(-1).tolist()
+            assert set(filtered.isfinite().nonzero().flatten().tolist()) == kept_by_formula(probs, top_k, top_p)
+            assert torch.equal(filtered[filtered.isfinite()], row[filtered.isfinite()])
+
+
+def test_sampled_frequencies_follow_the_tempered_filtered_distribution():
+    logits = torch.tensor(PROBS).log().expand(40000, -1)
+    draws = sample_next(logits, temperature=2.0, top_k=4, generator=torch.Generator().manual_seed(0))
+    tempered = {i: math.sqrt(PROBS[i]) for i in (1, 2, 3, 4)}  # p^(1/T), top-4 drops token 0
+    total = sum(tempered.values())
+    counts = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert counts[0] == 0
+    for i, weight in tempered.items():
+        assert abs(counts[i].item() - weight / total) < 0.01
+
+
+def test_greedy_ignores_the_generator_and_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 0.5]])
+    assert sample_next(logits).tolist() == [1, 0]
+    assert sample_next(logits, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1)).tolist() == [1, 0]
