@@ -88,7 +88,7 @@ class Tokenizer:
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
         special = {k: _token_text(self._config.get(k)) for k in names}
         special = {k: v for k, v in special.items() if v is not None}
-        extra = [_token_text(t) for t in self._config.get("additional_special_tokens", [])]
+        extra = [_token_text(t) for t in self._config.get("additional_special_tokens") or []]
         if extra:
             special["additional_special_tokens"] = extra
         self.bos_id = self._id_of(special.get("bos_token"), "bos_token")
@@ -101,7 +101,9 @@ class Tokenizer:
         if self.eos_id is None:
             self.eos_id = next((i for i in gen_eos if i is not None), None)
         if self.pad_id is None:
-            self.pad_id = generation.get("pad_token_id", self.eos_id)
+            self.pad_id = generation.get("pad_token_id")
+        if self.pad_id is None:
+            self.pad_id = self.eos_id
         turn_ends = [self._tok.token_to_id(t) for t in _TURN_ENDS]
         stops = [self.eos_id, *gen_eos, *turn_ends]
         self.eos_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
@@ -233,7 +235,8 @@ def load_tokenizer(path, *, chat_template: str | None = None, max_seq_len: int |
     """The tokenizer of the checkpoint directory ``path``.
 
     ``chat_template``: a template file (or template text) to use instead of the checkpoint's, for
-    base models that ship none. ``max_seq_len``: default truncation length of `tokenize_messages`.
+    base models that ship none. ``max_seq_len``: default truncation length of `tokenize_messages`
+    and of the datasets built with this tokenizer.
     """
     path = Path(path).expanduser()
     if not (path / "tokenizer.json").is_file():

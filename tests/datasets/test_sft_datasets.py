@@ -148,3 +148,29 @@ def test_arithmetic_is_deterministic_with_disjoint_splits(tok):
     assert data[0] == dict(zip(("tokens", "labels"), expected_labels(tok, train[0]["messages"])))
     with pytest.raises(KDTuneError, match="ops"):
         arithmetic_rows(3, ops="/")
+
+
+def test_registry_short_names_build_from_a_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from kdtune.config.instantiate import instantiate
+
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Hi", "output": "Hello"}])
+    cfg = OmegaConf.create(
+        {
+            "tokenizer": {"_component_": "tokenizer", "path": str(QWEN), "max_seq_len": 64},
+            "dataset": {"_component_": "alpaca", "source": "jsonl", "data_files": str(path), "packed": True},
+            "prompts": {
+                "_component_": "prompts",
+                "source": "jsonl",
+                "data_files": str(path),
+                "column_map": {"prompt": "instruction", "completion": "output"},
+            },
+            "demo": {"_component_": "arithmetic", "num_rows": 3},
+        }
+    )
+    tok = instantiate(cfg.tokenizer)
+    packed = instantiate(cfg.dataset, tokenizer=tok)
+    assert len(packed[0]["tokens"]) == 64
+    assert instantiate(cfg.prompts, tokenizer=tok)[0]["completion"] == tok.encode("Hello<|im_end|>")
+    assert len(instantiate(cfg.demo, tok)) == 3
