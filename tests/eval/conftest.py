@@ -1,0 +1,93 @@
+"""A tiny random Qwen2 checkpoint carrying the real Qwen2.5 tokenizer, and local lm-eval tasks."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kdtune.checkpointing import write_random_checkpoint
+
+QWEN_TOKENIZER = Path(__file__).parents[1] / "assets" / "qwen2_5_tokenizer"
+TINY_QWEN2 = {
+    "model_type": "qwen2",
+    "vocab_size": 151936,  # covers the tokenizer, padded like Qwen2.5-0.5B
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.5,  # peaked next-token distributions: greedy choices are clear-cut
+    "eos_token_id": 151645,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline(tmp_path_factory):
+    """Nothing may reach the network (here and in the recipes these tests start); the datasets
+    cache lives in a temporary folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(tmp_path_factory) -> Path:
+    out = write_random_checkpoint(TINY_QWEN2, tmp_path_factory.mktemp("tiny_qwen2"), seed=0)
+    for file in QWEN_TOKENIZER.glob("*.json"):
+        shutil.copy(file, out / file.name)
+    shutil.copy(QWEN_TOKENIZER / "merges.txt", out / "merges.txt")
+    return out
+
+
+def write_tasks(folder: Path) -> Path:
+    """Two local tasks on JSON-lines files: ``tiny_choice`` (multiple choice, accuracy) and
+    ``tiny_sums`` (generate_until, exact match). Absolute ``data_files`` paths, so no download."""
+    folder.mkdir(parents=True, exist_ok=True)
+    choice_rows = [
+        {"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b)], "label": 0}
+        for a, b in [(2, 3), (4, 4), (1, 7), (6, 2), (3, 3), (5, 4)]
+    ]
+    sum_rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 5), (7, 1), (2, 9)]]
+    for name, rows in (("choice", choice_rows), ("sums", sum_rows)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny_choice.yaml").write_text(
+        f"""task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / "choice.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+    )
+    (folder / "tiny_sums.yaml").write_text(
+        f"""task: tiny_sums
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / "sums.jsonl"}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+    )
+    return folder
