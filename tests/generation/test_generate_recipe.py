@@ -1,0 +1,95 @@
+"""The generate recipe through `kdtune run` on a tiny checkpoint with the real Qwen2.5 tokenizer."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdtune.checkpointing import load_model, load_peft_adapter, save_peft_adapter, write_random_checkpoint
+from kdtune.generation import generate
+from kdtune.modules.lora import apply_lora, lora_modules
+from kdtune.tokenization import load_tokenizer
+from tests.cli_utils import assert_user_error, run_kdtune
+
+QWEN = Path(__file__).parents[1] / "assets" / "qwen2_5_tokenizer"
+TINY_QWEN2_5 = {
+    "model_type": "qwen2",
+    "vocab_size": 151936,  # Qwen2.5's padded embedding: larger than the tokenizer's 151,665 ids
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.3,
+}
+CHATS = [
+    [{"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate_recipe")
+    ckpt = write_random_checkpoint(TINY_QWEN2_5, root / "tiny", seed=0)
+    for file in QWEN.glob("*.json"):
+        shutil.copy(file, ckpt / file.name)
+    model = load_model(ckpt)
+    apply_lora(model, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8)
+    gen = torch.Generator().manual_seed(1)
+    for module in lora_modules(model).values():
+        module.lora_b.weight.data = torch.randn(module.lora_b.weight.shape, generator=gen)
+    save_peft_adapter(model, root / "adapter")
+    return ckpt, root / "adapter"
+
+
+def expected_completions(ckpt, prompts, adapter=None, **sampling):
+    tok = load_tokenizer(ckpt)
+    model = load_model(ckpt)
+    if adapter:
+        load_peft_adapter(model, adapter)
+    return generate(model, prompts, stop_ids=tok.eos_ids, pad_id=tok.pad_id, vocab_size=tok.vocab_size,
+                    **sampling).completions
+
+
+def test_prompt_greedy(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    proc = run_kdtune("run", "generate", "--config", "tiny/generate", f"checkpoint_dir={ckpt}",
+                      f"output_dir={tmp_path}", "prompt=Once upon a time", "max_new_tokens=6")
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads((tmp_path / "generations.json").read_text())
+    tok = load_tokenizer(ckpt)
+    want = expected_completions(ckpt, [tok.encode("Once upon a time")], max_new_tokens=6)
+    assert [r["completion_ids"] for r in records] == want and records[0]["prompt"] == "Once upon a time"
+    assert "--- completion 0 ---" in proc.stdout and records[0]["completion"] in proc.stdout
+
+
+def test_chats_sampled_with_an_adapter(checkpoint, tmp_path):
+    ckpt, adapter = checkpoint
+    messages = json.dumps(CHATS)
+    proc = run_kdtune("run", "generate", "--config", "tiny/generate", f"checkpoint_dir={ckpt}",
+                      f"adapter_dir={adapter}", f"output_dir={tmp_path}", "prompt=null", f"messages={messages}",
+                      "max_new_tokens=5", "temperature=0.9", "top_p=0.9", "seed=7")
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads((tmp_path / "generations.json").read_text())
+    tok = load_tokenizer(ckpt)
+    prompts = [tok.apply_chat_template(chat, add_generation_prompt=True) for chat in CHATS]
+    want = expected_completions(ckpt, prompts, adapter, max_new_tokens=5, temperature=0.9, top_p=0.9,
+                                generator=torch.Generator().manual_seed(7))
+    assert [r["completion_ids"] for r in records] == want
+    assert [r["prompt"] for r in records] == CHATS
+    assert want != expected_completions(ckpt, prompts, None, max_new_tokens=5, temperature=0.9, top_p=0.9,
+                                         generator=torch.Generator().manual_seed(7))
+
+
+def test_prompt_and_messages_are_exclusive(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    proc = run_kdtune("run", "generate", "--config", "tiny/generate", f"checkpoint_dir={ckpt}",
+                      f"output_dir={tmp_path}", "prompt=null")
+    assert_user_error(proc, "prompt, messages")
+    assert not (tmp_path / "generations.json").exists()
