@@ -20,6 +20,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from kdtune.errors import KDTuneError
+from kdtune.generation import generate
 from kdtune.tokenization import Tokenizer
 
 # Scored positions projected to the vocabulary at once: bounds the [positions, vocab] logits.
@@ -90,7 +91,16 @@ class KDTuneLM(TemplateLM):
         return template.source if chat_template and template is not None else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.render_chat(chat_history, add_generation_prompt=add_generation_prompt)
+        """The rendered conversation. Without a generation prompt lm-eval has prefilled the start
+        of the answer as a final assistant message, so the text ends right after its content
+        (the template's end-of-turn dropped), as the HF backend's ``continue_final_message`` does."""
+        text = self.tokenizer.render_chat(chat_history, add_generation_prompt=add_generation_prompt)
+        content = chat_history[-1]["content"] if chat_history else ""
+        if add_generation_prompt or not content.strip():
+            return text
+        start = text.rindex(content.strip())
+        kept = content.lstrip()  # with its trailing whitespace, where the template kept that
+        return text[: start + (len(kept) if text.startswith(kept, start) else len(content.strip()))]
 
     # --- scoring -------------------------------------------------------------------------------
 
@@ -158,8 +168,6 @@ class KDTuneLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations cut at the first of the task's stop strings (``until``)."""
-        from kdtune.generation import generate
-
         groups = defaultdict(list)  # one sampler setting per batch
         for i, req in enumerate(requests):
             groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)

@@ -5,8 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from kdtune.checkpointing import write_random_checkpoint
+from kdtune.checkpointing import ADAPTER_SUBDIR, HFCheckpointer, load_model, save_peft_adapter, write_random_checkpoint
+from kdtune.modules.lora import apply_lora, lora_modules, merge_lora_state_dict
 
 QWEN_TOKENIZER = Path(__file__).parents[1] / "assets" / "qwen2_5_tokenizer"
 TINY_QWEN2 = {
@@ -51,7 +53,7 @@ def write_tasks(folder: Path) -> Path:
     ``tiny_sums`` (generate_until, exact match). Absolute ``data_files`` paths, so no download."""
     folder.mkdir(parents=True, exist_ok=True)
     choice_rows = [
-        {"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b)], "label": 0}
+        {"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a + b + 10)], "label": 0}
         for a, b in [(2, 3), (4, 4), (1, 7), (6, 2), (3, 3), (5, 4)]
     ]
     sum_rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 5), (7, 1), (2, 9)]]
@@ -91,3 +93,22 @@ metric_list:
 """
     )
     return folder
+
+
+@pytest.fixture(scope="session")
+def lora_step(qwen_checkpoint, tmp_path_factory) -> Path:
+    """A LoRA run's step folder on ``qwen_checkpoint``: merged weights plus ``adapter/`` (PEFT),
+    with nonzero adapters on attention, MLP and the output layer."""
+    model = load_model(qwen_checkpoint)
+    apply_lora(model, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, apply_lora_to_output=True,
+               lora_rank=4, lora_alpha=8)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_b.weight.normal_(0.0, 0.2, generator=gen)
+    checkpointer = HFCheckpointer(qwen_checkpoint, tmp_path_factory.mktemp("lora_run"))
+    return checkpointer.save(
+        merge_lora_state_dict(model),
+        step=1,
+        write_extra=lambda folder: save_peft_adapter(model, folder / ADAPTER_SUBDIR),
+    )

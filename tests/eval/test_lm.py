@@ -83,6 +83,16 @@ def test_stop_strings_cut_generations_like_hf_backend(backends):
     assert all(len(c) < len(f) for c, f in zip(cut, free))
 
 
+def test_chat_formatting_equals_hf_backend(backends):
+    hf, ours = backends
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2="}]
+    assert ours.apply_chat_template(chat) == hf.apply_chat_template(chat)
+    prefilled = chat + [{"role": "assistant", "content": "The answer is "}]
+    assert ours.apply_chat_template(prefilled, add_generation_prompt=False) == hf.apply_chat_template(
+        prefilled, add_generation_prompt=False
+    )
+
+
 def test_batch_size_does_not_change_results(qwen_checkpoint, backends):
     _, ours = backends
     one = KDTuneLM(ours.model, ours.tokenizer, batch_size=1, max_length=MAX_LENGTH)
