@@ -50,6 +50,11 @@ class SFTDataset:
                 raise KDTuneError(f"{name}: packed: true needs max_seq_len")
             self._packs = _greedy_packs(lengths, max_seq_len)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in all samples, padding of packed rows excluded."""
+        return int(self._offsets[-1])
+
     def __len__(self) -> int:
         return len(self._offsets) - 1 if self._packs is None else len(self._packs) - 1
 

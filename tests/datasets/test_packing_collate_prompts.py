@@ -31,6 +31,7 @@ def test_packing_keeps_samples_apart(tok):
     plain = arithmetic_dataset(tok, num_rows=12, seed=1)
     packed = arithmetic_dataset(tok, num_rows=12, seed=1, max_seq_len=100, packed=True)
     assert len(packed) < len(plain)
+    assert packed.num_tokens == plain.num_tokens == sum(len(s["tokens"]) for s in plain)
     unpacked = []
     for row in packed:
         assert len(row["tokens"]) == len(row["labels"]) == len(row["input_pos"]) == 100 == sum(row["seq_lens"])
