@@ -14,7 +14,8 @@ pytest.importorskip("lm_eval", reason="evaluation needs the eval extra (lm-eval)
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from kdtune.checkpointing import load_model  # noqa: E402
-from kdtune.eval import KDTuneLM, save_results  # noqa: E402
+from kdtune.errors import KDTuneError  # noqa: E402
+from kdtune.eval import KDTuneLM, save_results, task_manager  # noqa: E402
 from kdtune.tokenization import load_tokenizer  # noqa: E402
 
 
@@ -62,3 +63,8 @@ def test_results_file_is_plain_json_and_keeps_samples_only_when_asked(tmp_path):
     assert plain == {"results": {"t": {"acc,none": 0.5, "n": 3}}, "tags": ["a"]}
     with_samples = json.loads(save_results(results, tmp_path / "s.json", log_samples=True).read_text())
     assert with_samples["samples"] == {"t": [{"x": 1}]}
+
+
+def test_missing_include_path_is_a_user_error(tmp_path):
+    with pytest.raises(KDTuneError, match="include_path: no such folder"):
+        task_manager(str(tmp_path / "nowhere"), include_defaults=False)
