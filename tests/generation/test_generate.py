@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdtune.checkpointing import load_model
-from kdtune.datasets import IGNORE_INDEX
+from kdtune.datasets import IGNORE_INDEX, collate, prompt_completion_sample
 from kdtune.errors import KDTuneError
 from kdtune.generation import generate
 from tests.models.tiny import CONFIGS, make_checkpoint
@@ -150,6 +150,10 @@ def test_scoring_forward_reproduces_greedy_choices_and_trains(checkpoints):
     assert torch.equal(logits.argmax(-1)[trained], labels[trained])
     F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX).backward()
     assert model.embed_tokens.weight.grad is not None
+    # the datasets' right-padded form of the same prompts and completions trains the same tokens
+    right = collate([prompt_completion_sample(p, c) for p, c in zip(PROMPTS, out.completions)], pad_id=PAD)
+    for ours, theirs in zip(labels, right["labels"]):
+        assert torch.equal(ours[ours != IGNORE_INDEX], theirs[theirs != IGNORE_INDEX])
 
 
 def test_eval_mode_kept_and_vocab_size_cuts_padding_rows(checkpoints):
