@@ -1,7 +1,8 @@
 """Benchmark the distillation loss forms at the Qwen2-0.5B output head.
 
 Each (form, token count, weight mode) runs in its own subprocess, so peak memory is that form's
-alone: peak RSS growth over the state after setup on CPU (the kernel's VmHWM, reset after setup),
+alone: peak RSS growth over the state after setup on CPU (the kernel's VmHWM, reset after setup
+and after returning freed memory to the system),
 ``torch.cuda.max_memory_allocated`` growth on CUDA. Time is one forward+backward after a small
 warm-up. Ratios are against the full-logits form measured in the same run.
 
@@ -10,12 +11,13 @@ The student head is Qwen2-0.5B's (V = 151,936, hidden 896), the teacher's Qwen2-
 also computes it (full fine-tuning, tied embeddings). Every form computes
 ``0.5 * CE + 0.5 * divergence`` from hidden states, so the output projections are included.
 
-    python scripts/bench_losses.py [--tokens 2048 8192] [--weights frozen trainable] [--device cpu]
+    python scripts/bench_losses.py [--tokens 2048 8192] [--weights frozen trainable] [--forms full fused]
 
 The defaults (frozen weight, both sizes) take about 5 minutes on 2 CPU cores.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -82,6 +84,7 @@ def peak_reset(device: str) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give the warm-up's freed memory back, so it is not reused unseen
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")
     return _vm("VmHWM")
@@ -103,7 +106,7 @@ def _vm(field: str) -> int:
 def worker(args) -> None:
     divergence = DIVERGENCES[args.divergence]()
     tokens = args.tokens[0]
-    x = make_inputs(tokens, args.weights == "trainable", args.device)
+    x = make_inputs(tokens, args.weights[0] == "trainable", args.device)
     warm = {k: v[:, :64] if k in ("hidden", "t_hidden", "labels") else v for k, v in x.items()}
     step(args.form, warm, divergence, args.chunk_size)
     x["hidden"].grad = x["weight"].grad = None
@@ -144,6 +147,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--weights", nargs="+", choices=["frozen", "trainable"], default=["frozen"])
+    p.add_argument("--forms", nargs="+", choices=FORMS, default=FORMS)
     p.add_argument("--divergence", choices=sorted(DIVERGENCES), default="forward_kl")
     p.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk of the fused form")
     p.add_argument("--device", default="cpu")
@@ -163,7 +167,7 @@ def main() -> None:
     for tokens in args.tokens:
         for weights in args.weights:
             baseline = None
-            for form in FORMS:
+            for form in args.forms:
                 if form in ("torchtune", "trl") and not importable(form):
                     note = f"{form} is not importable: its row is skipped"
                     notes += [note] if note not in notes else []
