@@ -4,16 +4,20 @@ PEFT adapters (``peft.py``)."""
 
 from kdtune.checkpointing.hf_checkpointer import HFCheckpointer
 from kdtune.checkpointing.loading import load_model
+from kdtune.checkpointing.peft import ADAPTER_SUBDIR, load_peft_adapter, save_peft_adapter
 from kdtune.checkpointing.random_init import write_random_checkpoint
 from kdtune.checkpointing.recipe_state import latest_checkpoint, load_recipe_state, save_recipe_state
 from kdtune.checkpointing.vocab import check_vocab_compatible
 
 __all__ = [
+    "ADAPTER_SUBDIR",
     "HFCheckpointer",
     "check_vocab_compatible",
     "latest_checkpoint",
     "load_model",
+    "load_peft_adapter",
     "load_recipe_state",
+    "save_peft_adapter",
     "save_recipe_state",
     "write_random_checkpoint",
 ]

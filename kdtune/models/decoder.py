@@ -70,8 +70,15 @@ class TransformerDecoder(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """The ``[V, d]`` output projection: ``lm_head.weight``, or the embedding when tied."""
-        return self.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
+        """The ``[V, d]`` output projection: ``lm_head.weight``, or the embedding when tied.
+
+        With a LoRA adapter on ``lm_head`` this is the merged (differentiable) weight, so fused
+        losses that project chunk by chunk see the same output layer as ``forward``.
+        """
+        if self.args.tie_word_embeddings:
+            return self.embed_tokens.weight
+        merged = getattr(self.lm_head, "merged_weight", None)
+        return merged() if merged is not None else self.lm_head.weight
 
     def enable_activation_checkpointing(self, enabled: bool = True) -> None:
         self.activation_checkpointing = enabled

@@ -1,5 +1,8 @@
-"""Shared training machinery the recipes compose: metric loggers, schedules, RNG state, plots."""
+"""Shared training machinery the recipes compose: setup, models, objectives, the loop, metric
+loggers, schedules, RNG state and plots. Single-device and distributed recipes differ only where
+distribution differs."""
 
+from kdtune.training.loop import Distribution, LoopSettings, StepLoss, TrainLoop
 from kdtune.training.lr_schedules import get_cosine_schedule_with_warmup
 from kdtune.training.metric_logging import (
     JsonlLogger,
@@ -10,20 +13,36 @@ from kdtune.training.metric_logging import (
     WandBLogger,
     read_metrics,
 )
+from kdtune.training.models import describe_trainable, is_lora, load_student, load_teacher, student_saver
+from kdtune.training.objectives import DistillationObjective
 from kdtune.training.plot import plot_metrics
 from kdtune.training.rng import get_rng_state, set_rng_state, set_seed
+from kdtune.training.setup import RunContext, build_batches, build_loop
 
 __all__ = [
+    "DistillationObjective",
+    "Distribution",
     "JsonlLogger",
+    "LoopSettings",
     "MetricLogger",
     "MultiLogger",
+    "RunContext",
     "StdoutLogger",
+    "StepLoss",
     "TensorBoardLogger",
+    "TrainLoop",
     "WandBLogger",
+    "build_batches",
+    "build_loop",
+    "describe_trainable",
     "get_cosine_schedule_with_warmup",
     "get_rng_state",
+    "is_lora",
+    "load_student",
+    "load_teacher",
     "plot_metrics",
     "read_metrics",
     "set_rng_state",
     "set_seed",
+    "student_saver",
 ]

@@ -1,0 +1,111 @@
+"""Loading the student (full, LoRA or QLoRA) and the frozen teacher, and saving the student.
+
+A config's ``model`` node holds only what ``config.json`` does not say: LoRA settings,
+activation checkpointing, and optionally a named builder (``_component_: qwen2_0_5b``) that the
+checkpoint must match. The teacher's node may keep it in bf16 or quantize its linear layers.
+"""
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from kdtune.checkpointing import ADAPTER_SUBDIR, HFCheckpointer, load_peft_adapter, save_peft_adapter
+from kdtune.config import instantiate
+from kdtune.errors import KDTuneError
+from kdtune.modules.lora import apply_lora, lora_modules, merge_lora_state_dict, quantize_nf4
+from kdtune.training.precision import resolve_dtype
+
+LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
+             "lora_dropout", "quantize_base")
+_MODEL_KEYS = {"_component_", "activation_checkpointing", *LORA_KEYS}
+_TEACHER_KEYS = {"_component_", "dtype", "quantize"}
+
+
+def _options(node, allowed: set[str], key: str) -> dict:
+    opts = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise KDTuneError(f"{key}: unknown option '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}")
+    return opts
+
+
+def _builder_model(opts: dict, key: str):
+    """The named builder's model on the meta device, for checking against ``config.json``."""
+    if "_component_" not in opts:
+        return None
+    with torch.device("meta"):
+        return instantiate(OmegaConf.create({"_component_": opts["_component_"]}), _where=key)
+
+
+def is_lora(model_node) -> bool:
+    """Whether a ``model`` node asks for LoRA adapters."""
+    return model_node is not None and any(k in model_node for k in ("lora_rank", "lora_attn_modules"))
+
+
+def describe_trainable(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+
+
+def load_student(checkpointer: HFCheckpointer, model_node, *, device, dtype, resume_dir: Path | None = None) -> nn.Module:
+    """The trainable student. A full model resumes from the step folder's weights; a LoRA model
+    reloads its base from the original checkpoint and its adapter from the step folder."""
+    opts = _options(model_node, _MODEL_KEYS, "model")
+    lora = {k: opts[k] for k in LORA_KEYS if k in opts}
+    source = checkpointer if resume_dir is None or lora else HFCheckpointer(resume_dir)
+    model = source.load_model(_builder_model(opts, "model"), dtype=dtype, device=device)
+    if lora:
+        apply_lora(model, **lora)
+        if resume_dir is not None:
+            load_peft_adapter(model, resume_dir)
+    model.enable_activation_checkpointing(bool(opts.get("activation_checkpointing", False)))
+    return model
+
+
+def load_teacher(checkpointer: HFCheckpointer, teacher_node, *, device, dtype) -> nn.Module:
+    """The frozen teacher: eval mode, no gradients; ``dtype`` may differ from the student's and
+    ``quantize: nf4 | int8`` stores its decoder-layer weights in low precision (torchao)."""
+    opts = _options(teacher_node, _TEACHER_KEYS, "teacher")
+    if "dtype" in opts:
+        dtype = resolve_dtype(opts["dtype"], "teacher.dtype")
+    model = checkpointer.load_model(_builder_model(opts, "teacher"), dtype=dtype, device=device)
+    model.requires_grad_(False)
+    model.eval()
+    quantize = opts.get("quantize")
+    if quantize not in (None, "nf4", "int8"):
+        raise KDTuneError(f"teacher.quantize: expected null, nf4 or int8, got '{quantize}'")
+    if quantize:
+        _quantize_layers(model, quantize)
+    return model
+
+
+def _quantize_layers(model: nn.Module, scheme: str) -> None:
+    # Only the decoder layers: the output projection stays in full precision because the fused
+    # losses multiply with it directly.
+    if scheme == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model.layers, Int8WeightOnlyConfig())
+        return
+    for module in model.layers.modules():
+        if isinstance(module, nn.Linear):
+            module.weight = nn.Parameter(quantize_nf4(module.weight), requires_grad=False)
+
+
+def student_saver(checkpointer: HFCheckpointer, model: nn.Module):
+    """``save(recipe_state=..., step=N | epoch=N)`` writing HF weights (merged for LoRA) and, for
+    LoRA, the PEFT adapter in ``adapter/``. Returns the folder's path."""
+    base = str(checkpointer.checkpoint_dir)
+
+    def save(*, recipe_state: dict, **step_or_epoch) -> Path:
+        if lora_modules(model):
+            return checkpointer.save(
+                merge_lora_state_dict(model), recipe_state=recipe_state, **step_or_epoch,
+                write_extra=lambda d: save_peft_adapter(model, d / ADAPTER_SUBDIR, base_model_name_or_path=base),
+            )
+        return checkpointer.save(model.state_dict(), recipe_state=recipe_state, **step_or_epoch)
+
+    return save
