@@ -124,7 +124,7 @@ class _FusedKD(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = ctx.grad_hidden * grad_loss
         if ctx.needs_input_grad[1]:
-            grad_weight = (ctx.grad_weight * grad_loss).to(ctx.weight_dtype)
+            grad_weight = ctx.grad_weight.to(ctx.weight_dtype).mul_(grad_loss)  # no float32 temporary
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
