@@ -40,7 +40,9 @@ def read_prompts(cfg, tokenizer) -> tuple[list, list[list[int]]]:
             raise KDTuneError(f"prompt: expected a non-empty string or a list of them, got {prompt!r}")
         return texts, [tokenizer.encode(t) for t in texts]
     if not isinstance(messages, list) or not messages:
-        raise KDTuneError(f"messages: expected a chat (a list of {{role, content}}) or a list of chats, got {messages!r}")
+        raise KDTuneError(
+            f"messages: expected a chat (a list of {{role, content}}) or a list of chats, got {messages!r}"
+        )
     chats = _as_list(messages, lambda v: isinstance(v[0], dict))
     for i, chat in enumerate(chats):
         if not isinstance(chat, list) or not chat or not all(isinstance(m, dict) and "role" in m for m in chat):

@@ -105,7 +105,8 @@ def main():
     tokens = args.batch * args.new_tokens
     baseline_seconds = results["kdtune, no cache"][0]
     reference = results["kdtune, no cache"][1]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
     print(f"{where}; torch {torch.__version__}; {args.dtype}; {args.layers} layers, hidden {args.hidden}, "
           f"vocab {args.vocab}; batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, "
@@ -114,7 +115,8 @@ def main():
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 13}|-------------|")
     for name, (seconds, completions) in results.items():
         same = "yes" if completions == reference else "no"
-        print(f"| {name:<34} | {seconds:>8.2f} | {tokens / seconds:>9.1f} | {baseline_seconds / seconds:>10.2f}x | {same:>11} |")
+        speedup = baseline_seconds / seconds
+        print(f"| {name:<34} | {seconds:>8.2f} | {tokens / seconds:>9.1f} | {speedup:>10.2f}x | {same:>11} |")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def test_greedy_cache_equals_no_cache_equals_transformers(checkpoints, family):
     transformers = pytest.importorskip("transformers", reason="transformers is the greedy-decoding reference")
     model = load_model(checkpoints[family])
     free = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[], pad_id=PAD)
-    assert free.completions == generate(model, PROMPTS, max_new_tokens=12, stop_ids=[], pad_id=PAD, use_cache=False).completions
+    no_cache = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[], pad_id=PAD, use_cache=False)
+    assert free.completions == no_cache.completions
     stop = free.completions[0][4]  # row 0 stops after 5 tokens; others where (if) they meet it
     expected = [truncate_at_stop(c, {stop}) for c in free.completions]
     for use_cache in (True, False):
