@@ -4,12 +4,14 @@ step's valid-token count, clipping, schedule, metrics, progress, checkpoints and
 A recipe supplies an ``objective(batch, num_tokens) -> StepLoss`` whose ``loss`` is the batch's
 summed token loss divided by ``num_tokens`` (the valid tokens of the whole optimizer step, across
 micro-batches and ranks), so summing micro-batch losses gives the step's mean whatever the split.
+A recipe whose training batches are made during the step (on-policy distillation generates them)
+also supplies a ``prepare_step`` (see `StepPreparer`).
 """
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from tqdm import tqdm
@@ -25,6 +27,17 @@ IGNORE_INDEX = -100
 class StepLoss:
     loss: torch.Tensor  # differentiable, already divided by the step's token count
     parts: dict[str, float] = field(default_factory=dict)  # e.g. ce_loss, kd_loss, same normalization
+
+
+class StepPreparer(Protocol):
+    """Turns the dataloader's micro-batches of one optimizer step into the batches trained on, plus
+    metrics to log; its state is saved with the loop's, so a resumed run makes the same batches."""
+
+    def __call__(self, micro: list[dict]) -> tuple[list[dict], dict[str, float]]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -61,8 +74,9 @@ class Distribution:
 class TrainLoop:
     def __init__(self, *, settings: LoopSettings, model: torch.nn.Module, objective: Callable,
                  optimizer, lr_scheduler, dataloader, device: torch.device, logger,
-                 save: Callable[..., object], dist: Distribution | None = None):
-        self.s, self.model, self.objective = settings, model, objective
+                 save: Callable[..., object], dist: Distribution | None = None,
+                 prepare_step: StepPreparer | None = None):
+        self.s, self.model, self.objective, self.prepare_step = settings, model, objective, prepare_step
         self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
         self.device, self.logger, self.save = device, logger, save
         self.dist = dist or Distribution()
@@ -75,9 +89,12 @@ class TrainLoop:
 
     # -- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                "rng": get_rng_state()}
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                 "rng": get_rng_state()}
+        if self.prepare_step is not None:
+            state["prepare_step"] = self.prepare_step.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
@@ -85,6 +102,8 @@ class TrainLoop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         set_rng_state(state["rng"])
+        if self.prepare_step is not None:
+            self.prepare_step.load_state_dict(state["prepare_step"])
 
     # -- training ---------------------------------------------------------------------------
     def train(self) -> None:
@@ -109,8 +128,10 @@ class TrainLoop:
         self.model.train()
         while self.step_in_epoch < self.steps_per_epoch:
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
-            metrics = self._optimizer_step(micro)
+            micro, extra = [next(batches) for _ in range(accum)], {}
+            if self.prepare_step is not None:
+                micro, extra = self.prepare_step(micro)
+            metrics = {**self._optimizer_step(micro), **extra}
             self.global_step += 1
             self.step_in_epoch += 1
             metrics["tokens_per_second"] = metrics["num_tokens"] / self.dist.world_size / (time.perf_counter() - t0)

@@ -9,7 +9,7 @@ from kdtune.checkpointing import latest_checkpoint, load_recipe_state
 from kdtune.config import instantiate, save_config
 from kdtune.errors import KDTuneError
 from kdtune.training.data import build_dataloader
-from kdtune.training.loop import Distribution, LoopSettings, TrainLoop, steps_per_epoch
+from kdtune.training.loop import Distribution, LoopSettings, StepPreparer, TrainLoop, steps_per_epoch
 from kdtune.training.metric_logging import JsonlLogger
 from kdtune.training.precision import resolve_device, resolve_dtype
 from kdtune.training.rng import set_seed
@@ -56,7 +56,8 @@ def build_batches(cfg: DictConfig, run: RunContext, dataset, collate_fn):
     return loader
 
 
-def build_loop(cfg: DictConfig, run: RunContext, model, objective, batches, save) -> TrainLoop:
+def build_loop(cfg: DictConfig, run: RunContext, model, objective, batches, save,
+               prepare_step: StepPreparer | None = None) -> TrainLoop:
     """Optimizer over the trainable parameters, schedule over the whole run, logger, and the loop —
     restored from the resume checkpoint when there is one."""
     settings = LoopSettings(
@@ -74,7 +75,7 @@ def build_loop(cfg: DictConfig, run: RunContext, model, objective, batches, save
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     loop = TrainLoop(settings=settings, model=model, objective=objective, optimizer=optimizer,
                      lr_scheduler=lr_scheduler, dataloader=batches, device=run.device, logger=logger, save=save,
-                     dist=run.dist)
+                     dist=run.dist, prepare_step=prepare_step)
     if cfg.get("compile", False):
         for layer in model.layers:
             layer.compile()
