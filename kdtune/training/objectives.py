@@ -29,7 +29,7 @@ class DistillationObjective:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, divergence: Divergence | None = None,
-                 *, kd_ratio: float = 0.0, form: str = "fused", chunk_size: int = 1024, num_output_chunks: int = 8):
+                 *, kd_ratio: float = 0.0, form: str = "fused", chunk_size: int = 256, num_output_chunks: int = 8):
         self.distills = divergence is not None
         if not self.distills:  # SFT: the divergence only carries ignore_index; kd_ratio 0 never uses it
             divergence, kd_ratio = ForwardKLLoss(), 0.0

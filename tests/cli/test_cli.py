@@ -115,3 +115,10 @@ def test_run_user_error_under_torchrun_is_one_line(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdtune: error:")]
     assert errors == ["kdtune: error: bad_value"] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(available_configs()))
+def test_every_builtin_config_validates(name):
+    from kdtune.config import load_config, validate
+
+    assert validate(load_config(name)) > 0
