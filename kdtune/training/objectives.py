@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kdtune.errors import KDTuneError
-from kdtune.losses import CrossEntropyLoss, Divergence, ForwardKLLoss, FusedLinearKDLoss
+from kdtune.losses import CrossEntropyLoss, Divergence, ForwardKLLoss, FusedLinearKDLoss, TeacherTopK
 from kdtune.training.loop import StepLoss
 
 FORMS = ("fused", "chunked", "full")
@@ -48,8 +48,9 @@ class DistillationObjective:
                 model.num_output_chunks = chunks
 
     def _teacher_out(self, batch: dict, hidden: bool):
-        if "teacher_topk" in batch:
-            return batch["teacher_topk"]
+        if "teacher_topk" in batch:  # the loop moves tensors to the device, not this pair
+            topk, device = batch["teacher_topk"], batch["tokens"].device
+            return TeacherTopK(topk.logprobs.to(device), topk.ids.to(device))
         if self.teacher is None or self.kd_ratio == 0:
             return None
         with torch.inference_mode():

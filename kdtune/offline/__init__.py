@@ -1,0 +1,23 @@
+"""Offline distillation: cache the teacher's top-k log-probabilities once, then distill from the
+cache without the teacher in memory."""
+
+from kdtune.offline.dataset import CachedTeacherDataset, collate_with_teacher_topk, teacher_cache_dir
+from kdtune.offline.index import DatasetSummary, check_matches, read_index, summarize_dataset
+from kdtune.offline.shards import decode_ids, encode_ids, id_bytes, store_logprobs
+from kdtune.offline.writer import CacheWriter, teacher_topk
+
+__all__ = [
+    "CacheWriter",
+    "CachedTeacherDataset",
+    "DatasetSummary",
+    "check_matches",
+    "collate_with_teacher_topk",
+    "decode_ids",
+    "encode_ids",
+    "id_bytes",
+    "read_index",
+    "store_logprobs",
+    "summarize_dataset",
+    "teacher_cache_dir",
+    "teacher_topk",
+]

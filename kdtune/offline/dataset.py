@@ -1,0 +1,67 @@
+"""Distilling from a teacher cache: each training sample joined with its cached top-k rows, and the
+collate that pads them into the batch's ``teacher_topk``.
+
+The cache is checked against the training run's tokenizer, dataset and temperature when it is
+opened, so rows can only ever be joined to the samples they were computed for. Packed datasets
+work as long as the cache was made from the same packed dataset (the hash covers the packing).
+"""
+
+from pathlib import Path
+
+import torch
+
+from kdtune.datasets import IGNORE_INDEX, collate
+from kdtune.errors import KDTuneError
+from kdtune.losses import TeacherTopK
+from kdtune.offline.index import check_matches, read_index
+from kdtune.offline.shards import ShardReader
+
+
+def teacher_cache_dir(cfg) -> str | None:
+    """The config's ``teacher_logits_cache``, refused alongside a teacher model to load."""
+    cache = cfg.get("teacher_logits_cache")
+    if cache and cfg.get("teacher_checkpointer") is not None:
+        raise KDTuneError("teacher_logits_cache and teacher_checkpointer are both set: distill from the cache "
+                          "(remove teacher_checkpointer with ~teacher_checkpointer) or from the teacher model")
+    return cache
+
+
+class CachedTeacherDataset:
+    """``dataset``'s samples plus ``teacher_logprobs`` ``[n, k]`` and ``teacher_ids`` ``[n, k]`` for
+    their n trained positions, from the cache at ``folder`` (checked to match on construction)."""
+
+    def __init__(self, dataset, folder, *, tokenizer, temperature: float):
+        self.folder = Path(folder)
+        index = read_index(self.folder)
+        if index is None:
+            raise KDTuneError(f"teacher_logits_cache: '{self.folder}' holds no teacher cache (no index.json); "
+                              f"make one with the cache_teacher_logits recipe")
+        if not index["complete"]:
+            raise KDTuneError(f"teacher_logits_cache: the cache in '{self.folder}' is incomplete; rerun "
+                              f"cache_teacher_logits with the same config to finish it")
+        check_matches(index, self.folder, tokenizer=tokenizer, dataset=dataset, temperature=temperature)
+        self.dataset, self._shards, self._samples = dataset, index["shards"], index["samples"]
+        self._reader = ShardReader(self.folder)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        shard, offset, count = self._samples[index]
+        logprobs, ids = self._reader.rows(self._shards[shard], offset, count)
+        return {**sample, "teacher_logprobs": logprobs, "teacher_ids": ids}
+
+
+def collate_with_teacher_topk(samples: list[dict], pad_id: int) -> dict:
+    """`collate`, plus ``teacher_topk``: a :class:`TeacherTopK` ``[B, S, k]`` whose rows at trained
+    positions are the samples' cached rows (elsewhere log-probability 0 and id 0, never read)."""
+    batch = collate(samples, pad_id)
+    trained = batch["labels"] != IGNORE_INDEX
+    k = samples[0]["teacher_ids"].shape[-1]
+    logprobs = torch.zeros(*trained.shape, k, dtype=samples[0]["teacher_logprobs"].dtype)
+    ids = torch.zeros(*trained.shape, k, dtype=torch.long)
+    logprobs[trained] = torch.cat([s["teacher_logprobs"] for s in samples])
+    ids[trained] = torch.cat([s["teacher_ids"] for s in samples])
+    batch["teacher_topk"] = TeacherTopK(logprobs, ids)
+    return batch

@@ -1,0 +1,44 @@
+"""Cache the teacher's top-k log-probabilities over a dataset, for distillation without the teacher.
+
+For every trained position (label != -100) of every sample, tokenized exactly as the distillation
+run will tokenize it, the teacher's ``top_k`` largest log-probabilities at ``temperature`` and their
+token ids go into safetensors shards in ``output_dir``, with an ``index.json`` recording what the
+cache was made from. Point the distillation recipes' ``teacher_logits_cache`` at ``output_dir``.
+An interrupted run resumes when rerun with the same config. Copy this file (`kdtune cp`) to change it.
+"""
+
+import kdtune.config
+from kdtune import offline, training
+from kdtune.config import instantiate
+from kdtune.training.precision import resolve_device, resolve_dtype
+
+
+@kdtune.config.parse
+def main(cfg):
+    # 1. Everything that can be checked before a weight is loaded.
+    device, dtype = resolve_device(cfg.get("device")), resolve_dtype(cfg.get("dtype", "bf16"))
+    tokenizer = instantiate(cfg.tokenizer)
+    teacher_checkpointer = instantiate(cfg.teacher_checkpointer)
+    dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
+    teacher_node = cfg.get("teacher") or {}
+    writer = offline.CacheWriter(
+        cfg.output_dir, dataset, tokenizer, top_k=cfg.get("top_k", 64), temperature=cfg.get("temperature", 1.0),
+        logprob_dtype=cfg.get("logprob_dtype", "fp16"), samples_per_shard=cfg.get("samples_per_shard", 1024),
+        teacher={"checkpoint_dir": str(teacher_checkpointer.checkpoint_dir),
+                 "dtype": teacher_node.get("dtype", cfg.get("dtype", "bf16")), "quantize": teacher_node.get("quantize")},
+    )
+    if writer.complete:
+        print(f"{cfg.output_dir} already holds this cache, complete; nothing to do")
+        return
+
+    # 2. The frozen teacher, in its configured dtype or quantized.
+    teacher = training.load_teacher(teacher_checkpointer, cfg.get("teacher"), device=device, dtype=dtype)
+
+    # 3. One pass over the dataset, shard by shard.
+    writer.write(teacher, batch_size=cfg.batch_size, pad_id=tokenizer.pad_id, device=device)
+    print(f"Wrote the teacher's top-{writer.index['top_k']} log-probabilities of {writer.index['num_rows']} "
+          f"tokens to {cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
