@@ -1,10 +1,13 @@
-"""Distillation step throughput and peak memory: fused vs chunked vs full-logits loss forms.
+"""Distillation step throughput and peak memory: fused vs chunked vs full-logits loss forms, and
+fused from a cached teacher's top-64 log-probabilities (``cached``).
 
 A 4-layer teacher and a 2-layer student with the real Qwen2 vocabulary (151,936), random weights,
-one optimizer step = student forward + teacher forward + loss + backward + AdamW. Each form runs in
-its own process so peak memory is its own; ratios are against the full-logits form of this run.
+one optimizer step = student forward + teacher forward + loss + backward + AdamW. ``cached`` never
+builds the teacher: each step reads the batch's rows from a cache shard (float16 values, 3-byte ids,
+memory-mapped) and collates them as training does. Each form runs in its own process so peak memory
+is its own; ratios are against the full-logits form of this run.
 
-    python scripts/bench_kd_step.py [--tokens 1024] [--steps 3] [--dtype fp32]
+    python scripts/bench_kd_step.py [--tokens 1024] [--steps 3] [--dtype fp32] [--forms full,chunked,fused,cached]
 """
 
 import argparse
@@ -13,6 +16,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 VOCAB = 151_936
@@ -26,6 +30,33 @@ def _args(hidden, layers, heads):
                      norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, qkv_bias=True)
 
 
+def _cached_batches(batch: dict, folder: str, k: int = 64):
+    """A cache shard holding top-k rows for the batch's trained positions, and a function that reads
+    and collates them per step the way distillation from a cache does."""
+    from pathlib import Path
+
+    import torch
+
+    from kdtune.offline import collate_with_teacher_topk, encode_ids, id_bytes
+    from kdtune.offline.shards import ShardReader, write_shard
+
+    counts = (batch["labels"] != -100).sum(1).tolist()
+    rows = sum(counts)
+    # Distinct ids per row without a [rows, vocab] temporary; decreasing log-probabilities.
+    ids = (torch.arange(rows)[:, None] * 7919 + torch.arange(k) * 2371) % VOCAB
+    logprobs = torch.randn(rows, k + 1).log_softmax(-1)[:, :k].sort(-1, descending=True).values
+    write_shard(Path(folder) / "shard.safetensors", logprobs.half(), encode_ids(ids, id_bytes(VOCAB)))
+    reader, offsets = ShardReader(Path(folder)), [sum(counts[:i]) for i in range(len(counts))]
+    samples = [{"tokens": t.tolist(), "labels": y.tolist()} for t, y in zip(batch["tokens"], batch["labels"])]
+
+    def read():
+        for s, offset, count in zip(samples, offsets, counts):
+            s["teacher_logprobs"], s["teacher_ids"] = reader.rows("shard.safetensors", offset, count)
+        return collate_with_teacher_topk(samples, pad_id=0)
+
+    return read
+
+
 def measure(form: str, tokens: int, steps: int, dtype_name: str) -> dict:
     import torch
 
@@ -36,17 +67,21 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str) -> dict:
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     student = TransformerDecoder(_args(256, 2, 4)).to(dtype)
-    teacher = TransformerDecoder(_args(512, 4, 8)).to(dtype).requires_grad_(False).eval()
+    cached = form == "cached"
+    teacher = None if cached else TransformerDecoder(_args(512, 4, 8)).to(dtype).requires_grad_(False).eval()
     seq = 512
     batch = {"tokens": torch.randint(0, VOCAB, (tokens // seq, seq))}
     batch["labels"] = torch.roll(batch["tokens"], -1, dims=1)
     batch["labels"][:, -1] = -100
-    objective = DistillationObjective(student, teacher, ForwardKLLoss(), kd_ratio=0.5, form=form, chunk_size=256)
+    objective = DistillationObjective(student, teacher, ForwardKLLoss(), kd_ratio=0.5,
+                                      form="fused" if cached else form, chunk_size=256)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     n = int((batch["labels"] != -100).sum())
+    folder = tempfile.TemporaryDirectory()  # removed when the measurement ends
+    next_batch = _cached_batches(batch, folder.name) if cached else lambda: batch
 
     def step():
-        objective(batch, n).loss.backward()
+        objective(next_batch(), n).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -66,7 +101,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (multiple of 512)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--forms", default="full,chunked,fused")
+    parser.add_argument("--forms", default="full,chunked,fused,cached")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
