@@ -1,0 +1,127 @@
+"""Where each optimizer step's completions come from in on-policy distillation (GKD, Agarwal et
+al., arXiv 2306.13649), and the training batches made from them.
+
+Every step draws once from a generator seeded by the run's seed: with probability ``lmbda`` the
+current student writes the completions of the step's prompts (on-policy); otherwise the teacher
+writes them when ``seq_kd`` is set (sequence-level KD), else the dataset's own replies are used
+(supervised KD). Only completion tokens are scored. Generated completions are scored by the
+divergence alone; the dataset's replies by ``(1 - kd_ratio) * CE + kd_ratio * divergence``.
+"""
+
+import time
+
+import torch
+from torch import nn
+
+from kdtune.datasets import collate, prompt_completion_sample
+from kdtune.errors import KDTuneError
+from kdtune.generation import generate
+from kdtune.training.objectives import DistillationObjective
+
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p")
+
+
+def check_settings(*, lmbda: float, seq_kd: bool, generation: dict, dataset) -> None:
+    """Refuse settings that cannot work before any weight is loaded: ``lmbda`` outside [0, 1],
+    unknown generation options, and a prompt-only dataset on steps that need its replies."""
+    if not 0 <= lmbda <= 1:
+        raise KDTuneError(f"lmbda: expected a probability in [0, 1], got {lmbda}")
+    unknown = sorted(set(generation) - set(GENERATION_KEYS))
+    if unknown:
+        raise KDTuneError(f"generation: unknown option '{unknown[0]}'; allowed: {', '.join(GENERATION_KEYS)}")
+    if lmbda < 1 and not seq_kd:
+        missing = next((i for i in range(len(dataset)) if not dataset[i]["completion"]), None)
+        if missing is not None:
+            raise KDTuneError(f"dataset: sample {missing} has no reference reply, which lmbda={lmbda} with "
+                              f"seq_kd=false trains on; use a dataset with replies, lmbda=1 (the student "
+                              f"writes every completion) or seq_kd=true (the teacher writes them)")
+
+
+def completion_batch(prompts: list[list[int]], completions: list[list[int]], *, stop_ids, pad_id: int) -> dict:
+    """Right-padded ``tokens``/``labels`` of prompt + completion rows in which only completion tokens
+    are learned, up to and including the first stop token: prompts, anything after that stop token
+    and padding are ignored."""
+    stops = set(stop_ids)
+
+    def through_first_stop(ids: list[int]) -> list[int]:
+        end = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
+        return list(ids[:end])
+
+    samples = [prompt_completion_sample(p, through_first_stop(c)) for p, c in zip(prompts, completions)]
+    return collate(samples, pad_id)
+
+
+def unpadded_prompts(batch: dict) -> list[list[int]]:
+    """The id lists of a `collate_prompts` batch (left-padded ``prompt`` and ``prompt_lengths``)."""
+    width = batch["prompt"].shape[1]
+    return [row[width - n :].tolist() for row, n in zip(batch["prompt"], batch["prompt_lengths"].tolist())]
+
+
+class OnPolicyBatches:
+    """The loop's ``prepare_step``: picks the step's completion source, generates when it is a model,
+    and returns the training batches (marked ``generated``) with the step's generation metrics.
+
+    ``generation`` holds `generate`'s ``max_new_tokens``, ``temperature``, ``top_k`` and ``top_p``.
+    The source draw and the sampling have generators of their own, seeded by ``seed`` and saved in
+    the recipe state, so a resumed run draws and samples what the uninterrupted run would.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, lmbda: float, seq_kd: bool, seed: int,
+                 generation: dict, stop_ids, pad_id: int, vocab_size: int, device: torch.device):
+        self.student, self.teacher, self.lmbda, self.seq_kd = student, teacher, lmbda, seq_kd
+        self.generation = dict(generation)
+        self.stop_ids, self.pad_id, self.vocab_size = tuple(stop_ids), pad_id, vocab_size
+        self.draws = torch.Generator().manual_seed(seed)
+        self.sampling = torch.Generator(device).manual_seed(seed)
+        self.steps = self.on_policy_steps = 0
+
+    def next_source(self) -> str:
+        """``student``, ``teacher`` or ``dataset``: one draw per step whatever ``lmbda`` is, so the
+        draws stay aligned with the steps."""
+        on_policy = torch.rand((), generator=self.draws).item() < self.lmbda
+        return "student" if on_policy else "teacher" if self.seq_kd else "dataset"
+
+    def __call__(self, micro: list[dict]) -> tuple[list[dict], dict[str, float]]:
+        source = self.next_source()
+        self.steps += 1
+        self.on_policy_steps += source == "student"
+        metrics = {"on_policy_fraction": self.on_policy_steps / self.steps}
+        batches, rows, generated, seconds = [], 0, 0, 0.0
+        for batch in micro:
+            prompts = unpadded_prompts(batch)
+            completions = batch["completions"]
+            if source != "dataset":
+                start = time.perf_counter()
+                out = generate(self.student if source == "student" else self.teacher, prompts,
+                               stop_ids=self.stop_ids, pad_id=self.pad_id, vocab_size=self.vocab_size,
+                               generator=self.sampling, **self.generation)
+                seconds += time.perf_counter() - start  # generate syncs the device as it decides to stop
+                completions = out.completions
+                rows, generated = rows + len(prompts), generated + int(out.completion_lens.sum())
+            train = completion_batch(prompts, completions, stop_ids=self.stop_ids, pad_id=self.pad_id)
+            batches.append({**train, "generated": source != "dataset"})
+        if rows:
+            metrics["generated_length_mean"] = generated / rows
+            metrics["generation_tokens_per_second"] = generated / seconds
+        return batches, metrics
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws.get_state(), "sampling": self.sampling.get_state(),
+                "steps": self.steps, "on_policy_steps": self.on_policy_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws.set_state(state["draws"])
+        self.sampling.set_state(state["sampling"])
+        self.steps, self.on_policy_steps = state["steps"], state["on_policy_steps"]
+
+
+class GKDObjective:
+    """The divergence alone on generated completions; ``(1 - kd_ratio) * CE + kd_ratio * divergence``
+    on the dataset's own replies. Takes `DistillationObjective`'s arguments."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, divergence, *, kd_ratio: float, **kwargs):
+        self.on_generated = DistillationObjective(student, teacher, divergence, kd_ratio=1.0, **kwargs)
+        self.on_dataset = DistillationObjective(student, teacher, divergence, kd_ratio=kd_ratio, **kwargs)
+
+    def __call__(self, batch: dict, num_tokens: int):
+        return (self.on_generated if batch["generated"] else self.on_dataset)(batch, num_tokens)
