@@ -17,10 +17,11 @@ from kdtune.training.models import describe_trainable, is_lora, load_student, lo
 from kdtune.training.objectives import DistillationObjective
 from kdtune.training.plot import plot_metrics
 from kdtune.training.rng import get_rng_state, set_rng_state, set_seed
-from kdtune.training.setup import RunContext, build_batches, build_loop
+from kdtune.training.setup import DistillationParts, RunContext, build_batches, build_loop, distillation_parts
 
 __all__ = [
     "DistillationObjective",
+    "DistillationParts",
     "Distribution",
     "JsonlLogger",
     "LoopSettings",
@@ -35,6 +36,7 @@ __all__ = [
     "build_batches",
     "build_loop",
     "describe_trainable",
+    "distillation_parts",
     "get_cosine_schedule_with_warmup",
     "get_rng_state",
     "is_lora",

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm import tqdm
 
+from kdtune.checkpointing import load_recipe_state
 from kdtune.errors import KDTuneError
 from kdtune.training.precision import peak_memory_gb
 from kdtune.training.rng import get_rng_state, set_rng_state
@@ -56,9 +57,18 @@ def steps_per_epoch(dataloader, settings: LoopSettings) -> int:
 
 
 class Distribution:
-    """What the loop needs to know about data parallelism; the single-device case does nothing."""
+    """What the loop needs to know about data parallelism; the single-device case does nothing.
+
+    A subclass (``kdtune.training.distributed.FSDPDistribution``) joins a process group, reduces
+    across ranks and keeps sharded training state in its own form; what ``optimizer_state_dict``
+    and ``rng_state`` return is what ``load_recipe_state`` hands back to their ``load`` side.
+    """
 
     rank, world_size, is_main = 0, 1, True
+
+    def setup(self, device: torch.device) -> torch.device:
+        """Join the process group, if any, and return this process's device."""
+        return device
 
     def all_reduce_sum(self, value: float) -> float:
         return value
@@ -69,6 +79,25 @@ class Distribution:
 
     def clip_grad_norm(self, params, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def optimizer_state_dict(self, model: torch.nn.Module, optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, model: torch.nn.Module, optimizer, state) -> None:
+        optimizer.load_state_dict(state)
+
+    def rng_state(self):
+        return get_rng_state()
+
+    def set_rng_state(self, state) -> None:
+        set_rng_state(state)
+
+    def load_recipe_state(self, folder) -> dict:
+        state = load_recipe_state(folder)
+        if isinstance(state["rng"], list):  # one state per rank: written by a distributed run
+            raise KDTuneError(f"resume_from_checkpoint: '{folder}' was saved by a run on {len(state['rng'])} "
+                              f"processes; resume it with the distributed recipe on as many")
+        return state
 
 
 class TrainLoop:
@@ -90,8 +119,8 @@ class TrainLoop:
     # -- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                 "rng": get_rng_state()}
+                 "optimizer": self.dist.optimizer_state_dict(self.model, self.optimizer),
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "rng": self.dist.rng_state()}
         if self.prepare_step is not None:
             state["prepare_step"] = self.prepare_step.state_dict()
         return state
@@ -99,9 +128,9 @@ class TrainLoop:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.dist.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        set_rng_state(state["rng"])
+        self.dist.set_rng_state(state["rng"])
         if self.prepare_step is not None:
             self.prepare_step.load_state_dict(state["prepare_step"])
 

@@ -96,16 +96,21 @@ def _quantize_layers(model: nn.Module, scheme: str) -> None:
 
 
 def student_saver(checkpointer: HFCheckpointer, model: nn.Module):
-    """``save(recipe_state=..., step=N | epoch=N)`` writing HF weights (merged for LoRA) and, for
-    LoRA, the PEFT adapter in ``adapter/``. Returns the folder's path."""
+    """``save(recipe_state=..., step=N | epoch=N, write_extra=None)`` writing HF weights (merged for
+    LoRA), for LoRA the PEFT adapter in ``adapter/``, and whatever ``write_extra(folder)`` adds.
+    Returns the folder's path."""
     base = str(checkpointer.checkpoint_dir)
+    lora = bool(lora_modules(model))
 
-    def save(*, recipe_state: dict, **step_or_epoch) -> Path:
-        if lora_modules(model):
-            return checkpointer.save(
-                merge_lora_state_dict(model), recipe_state=recipe_state, **step_or_epoch,
-                write_extra=lambda d: save_peft_adapter(model, d / ADAPTER_SUBDIR, base_model_name_or_path=base),
-            )
-        return checkpointer.save(model.state_dict(), recipe_state=recipe_state, **step_or_epoch)
+    def extra(folder: Path, write_extra) -> None:
+        if lora:
+            save_peft_adapter(model, folder / ADAPTER_SUBDIR, base_model_name_or_path=base)
+        if write_extra is not None:
+            write_extra(folder)
+
+    def save(*, recipe_state: dict, write_extra=None, **step_or_epoch) -> Path:
+        weights = merge_lora_state_dict(model) if lora else model.state_dict()
+        return checkpointer.save(weights, recipe_state=recipe_state, **step_or_epoch,
+                                 write_extra=lambda folder: extra(folder, write_extra))
 
     return save

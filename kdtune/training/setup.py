@@ -1,13 +1,16 @@
 """The setup steps every recipe shares, in the order a recipe calls them: where the run writes and
-whether it resumes, batches, the optimizer and schedule, the metric logger, and the loop."""
+whether it resumes, what a distillation checks before loading weights, batches, the optimizer and
+schedule, the metric logger, and the loop."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from kdtune.checkpointing import latest_checkpoint, load_recipe_state
+from kdtune.checkpointing import HFCheckpointer, check_vocab_compatible, latest_checkpoint
 from kdtune.config import instantiate, save_config
 from kdtune.errors import KDTuneError
+from kdtune.losses import Divergence
 from kdtune.training.data import build_dataloader
 from kdtune.training.loop import Distribution, LoopSettings, StepPreparer, TrainLoop, steps_per_epoch
 from kdtune.training.metric_logging import JsonlLogger
@@ -20,7 +23,7 @@ class RunContext:
 
     def __init__(self, cfg: DictConfig, dist: Distribution | None = None):
         self.dist = dist or Distribution()
-        self.device = resolve_device(cfg.get("device"))
+        self.device = self.dist.setup(resolve_device(cfg.get("device")))
         self.dtype = resolve_dtype(cfg.get("dtype", "fp32"))
         self.seed = set_seed(cfg.get("seed"))
         self.output_dir = Path(cfg.output_dir)
@@ -41,6 +44,28 @@ def _resume_dir(output_dir: Path, resume: bool) -> Path | None:
         raise KDTuneError(f"output_dir '{output_dir}' holds an earlier run; set resume_from_checkpoint=true "
                           f"to continue it or choose another output_dir")
     return None
+
+
+@dataclass
+class DistillationParts:
+    tokenizer: object
+    checkpointer: HFCheckpointer
+    teacher_checkpointer: HFCheckpointer
+    divergence: Divergence
+
+
+def distillation_parts(cfg: DictConfig) -> DistillationParts:
+    """``kd_ratio``, the tokenizer, both checkpoints (whose vocabularies must agree) and the divergence:
+    what a distillation run can check before a weight is loaded."""
+    if not 0 <= cfg.kd_ratio <= 1:
+        raise KDTuneError(f"kd_ratio: expected a value in [0, 1], got {cfg.kd_ratio}")
+    tokenizer = instantiate(cfg.tokenizer)
+    checkpointer = instantiate(cfg.checkpointer)
+    teacher_checkpointer = instantiate(cfg.teacher_checkpointer)
+    vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir, teacher_checkpointer.checkpoint_dir,
+                                        tokenizer.vocab_size)
+    return DistillationParts(tokenizer, checkpointer, teacher_checkpointer,
+                             instantiate(cfg.kd_loss, vocab_size=vocab_size))
 
 
 def build_batches(cfg: DictConfig, run: RunContext, dataset, collate_fn):
@@ -80,5 +105,5 @@ def build_loop(cfg: DictConfig, run: RunContext, model, objective, batches, save
         for layer in model.layers:
             layer.compile()
     if run.resume_dir is not None:
-        loop.load_state_dict(load_recipe_state(run.resume_dir))
+        loop.load_state_dict(run.dist.load_recipe_state(run.resume_dir))
     return loop
