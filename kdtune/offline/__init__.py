@@ -1,7 +1,12 @@
 """Offline distillation: cache the teacher's top-k log-probabilities once, then distill from the
 cache without the teacher in memory."""
 
-from kdtune.offline.dataset import CachedTeacherDataset, collate_with_teacher_topk, teacher_cache_dir
+from kdtune.offline.dataset import (
+    CachedTeacherDataset,
+    collate_with_teacher_topk,
+    join_teacher_cache,
+    teacher_cache_dir,
+)
 from kdtune.offline.index import DatasetSummary, check_matches, read_index, summarize_dataset
 from kdtune.offline.shards import decode_ids, encode_ids, id_bytes, store_logprobs
 from kdtune.offline.writer import CacheWriter, teacher_topk
@@ -15,6 +20,7 @@ __all__ = [
     "decode_ids",
     "encode_ids",
     "id_bytes",
+    "join_teacher_cache",
     "read_index",
     "store_logprobs",
     "summarize_dataset",

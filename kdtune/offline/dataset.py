@@ -53,6 +53,15 @@ class CachedTeacherDataset:
         return {**sample, "teacher_logprobs": logprobs, "teacher_ids": ids}
 
 
+def join_teacher_cache(dataset, cache_dir, *, tokenizer, temperature: float):
+    """The dataset and collate function to train on: ``dataset`` and `collate` without a cache;
+    with one, its samples joined with their cached rows and batches carrying ``teacher_topk``."""
+    if not cache_dir:
+        return dataset, collate
+    return CachedTeacherDataset(dataset, cache_dir, tokenizer=tokenizer, temperature=temperature), \
+        collate_with_teacher_topk
+
+
 def collate_with_teacher_topk(samples: list[dict], pad_id: int) -> dict:
     """`collate`, plus ``teacher_topk``: a :class:`TeacherTopK` ``[B, S, k]`` whose rows at trained
     positions are the samples' cached rows (elsewhere log-probability 0 and id 0, never read)."""

@@ -11,6 +11,7 @@ from kdtune.checkpointing import HFCheckpointer, check_vocab_compatible, latest_
 from kdtune.config import instantiate, save_config
 from kdtune.errors import KDTuneError
 from kdtune.losses import Divergence
+from kdtune.offline import teacher_cache_dir
 from kdtune.training.data import build_dataloader
 from kdtune.training.loop import Distribution, LoopSettings, StepPreparer, TrainLoop, steps_per_epoch
 from kdtune.training.metric_logging import JsonlLogger
@@ -50,22 +51,25 @@ def _resume_dir(output_dir: Path, resume: bool) -> Path | None:
 class DistillationParts:
     tokenizer: object
     checkpointer: HFCheckpointer
-    teacher_checkpointer: HFCheckpointer
+    teacher_checkpointer: HFCheckpointer | None  # None when distilling from a teacher cache
     divergence: Divergence
+    teacher_cache: str | None = None  # teacher_logits_cache: the cached top-k stand in for the teacher
 
 
 def distillation_parts(cfg: DictConfig) -> DistillationParts:
     """``kd_ratio``, the tokenizer, both checkpoints (whose vocabularies must agree) and the divergence:
-    what a distillation run can check before a weight is loaded."""
+    what a distillation run can check before a weight is loaded. With a teacher cache there is no
+    teacher checkpoint: the cache's tokenizer is checked by fingerprint when it is opened."""
     if not 0 <= cfg.kd_ratio <= 1:
         raise KDTuneError(f"kd_ratio: expected a value in [0, 1], got {cfg.kd_ratio}")
     tokenizer = instantiate(cfg.tokenizer)
     checkpointer = instantiate(cfg.checkpointer)
-    teacher_checkpointer = instantiate(cfg.teacher_checkpointer)
-    vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir, teacher_checkpointer.checkpoint_dir,
-                                        tokenizer.vocab_size)
+    teacher_cache = teacher_cache_dir(cfg)
+    teacher_checkpointer = None if teacher_cache else instantiate(cfg.teacher_checkpointer)
+    vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir,
+                                        (teacher_checkpointer or checkpointer).checkpoint_dir, tokenizer.vocab_size)
     return DistillationParts(tokenizer, checkpointer, teacher_checkpointer,
-                             instantiate(cfg.kd_loss, vocab_size=vocab_size))
+                             instantiate(cfg.kd_loss, vocab_size=vocab_size), teacher_cache)
 
 
 def build_batches(cfg: DictConfig, run: RunContext, dataset, collate_fn):
