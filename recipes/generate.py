@@ -1,10 +1,13 @@
 """Generate text from a checkpoint, or a base checkpoint plus a LoRA adapter.
 
-The config gives ``prompt`` (a string, or a list of them, tokenized as plain text) or ``messages``
-(a chat, or a list of chats, rendered by the tokenizer's chat template with the generation prompt).
-All prompts are completed as one batch; generation stops at the tokenizer's end-of-turn / EOS ids
-or after ``max_new_tokens``. Prints the completions and writes ``${output_dir}/generations.json``.
-Copy this file (`kdtune cp`) to change how it works.
+The config gives ``prompt`` (a string, or a list of them, tokenized as plain text), ``messages``
+(a chat, or a list of chats, rendered by the tokenizer's chat template with the generation prompt),
+or ``messages_file`` (a JSON/JSONL file of ``{"messages": [...]}`` rows; a final assistant turn is
+replaced by the model's). Prompts are completed in batches of ``batch_size``; generation stops at the
+tokenizer's end-of-turn / EOS ids or after ``max_new_tokens``. Writes ``${output_dir}/generations.json``
+and, for ``messages_file``, ``${output_dir}/generations.jsonl`` with the completed chats — a dataset
+for sequence-level distillation (the teacher answers unlabeled prompts). Copy this file
+(`kdtune cp`) to change how it works.
 """
 
 import json
@@ -18,22 +21,44 @@ from omegaconf import OmegaConf
 import kdtune.config
 from kdtune.checkpointing import load_model, load_peft_adapter
 from kdtune.config import instantiate
+from kdtune.datasets.messages import chat_messages
+from kdtune.datasets.rows import load_rows
 from kdtune.errors import KDTuneError
 from kdtune.generation import generate
 from kdtune.training.precision import resolve_device, resolve_dtype
 from kdtune.training.rng import set_seed
 
 
+MAX_PRINTED = 8
+
+
 def _as_list(value, is_one) -> list:
     return [value] if is_one(value) else list(value)
 
 
+def _file_chats(path) -> list[list[dict]]:
+    """The prompt turns of each row of a chat file: everything before a final assistant turn."""
+    chats = []
+    for row in load_rows("json", str(path)):
+        try:
+            if row.error:
+                raise KDTuneError(row.error)
+            chat = chat_messages(row.data)
+        except KDTuneError as e:
+            raise KDTuneError(f"messages_file: {row.where}: {e}") from None
+        chats.append(chat[:-1] if chat[-1]["role"] == "assistant" else chat)
+    return chats
+
+
 def read_prompts(cfg, tokenizer) -> tuple[list, list[list[int]]]:
     """(the prompts as the config gives them, their token ids)."""
+    given = [key for key in ("prompt", "messages", "messages_file") if cfg.get(key) is not None]
+    if len(given) != 1:
+        raise KDTuneError("prompt, messages, messages_file: set exactly one of them (the others to null)")
     prompt = OmegaConf.to_container(cfg.prompt) if OmegaConf.is_config(cfg.get("prompt")) else cfg.get("prompt")
     messages = OmegaConf.to_container(cfg.messages) if OmegaConf.is_config(cfg.get("messages")) else cfg.get("messages")
-    if (prompt is None) == (messages is None):
-        raise KDTuneError("prompt, messages: set exactly one of them (the other to null)")
+    if given == ["messages_file"]:
+        messages = _file_chats(cfg.messages_file)
     if prompt is not None:
         texts = _as_list(prompt, lambda v: isinstance(v, str))
         if not texts or not all(isinstance(t, str) and t for t in texts):
@@ -74,31 +99,42 @@ def main(cfg):
             f"{model.args.vocab_size} ({cfg.checkpoint_dir}/config.json)"
         )
 
-    start = time.perf_counter()
-    output = generate(
-        model,
-        prompts,
-        max_new_tokens=cfg.max_new_tokens,
-        stop_ids=tokenizer.eos_ids,
-        pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0],
-        temperature=cfg.get("temperature", 0.0),
-        top_k=cfg.get("top_k"),
-        top_p=cfg.get("top_p"),
-        vocab_size=tokenizer.vocab_size,
-        generator=torch.Generator(device=device).manual_seed(seed),
-    )
+    start, records, generated = time.perf_counter(), [], 0
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batch_size = cfg.get("batch_size") or len(prompts)
+    for first in range(0, len(prompts), batch_size):
+        output = generate(
+            model,
+            prompts[first: first + batch_size],
+            max_new_tokens=cfg.max_new_tokens,
+            stop_ids=tokenizer.eos_ids,
+            pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0],
+            temperature=cfg.get("temperature", 0.0),
+            top_k=cfg.get("top_k"),
+            top_p=cfg.get("top_p"),
+            vocab_size=tokenizer.vocab_size,
+            generator=generator,
+        )
+        generated += int(output.completion_lens.sum())
+        for source, ids, stopped in zip(sources[first:], output.completions, output.stopped.tolist()):
+            text = tokenizer.decode(ids[:-1] if stopped else ids)
+            records.append({"prompt": source, "completion": text, "completion_ids": ids, "stopped": stopped})
     seconds = time.perf_counter() - start
 
-    records = []
-    for i, (source, ids, stopped) in enumerate(zip(sources, output.completions, output.stopped.tolist())):
-        text = tokenizer.decode(ids[:-1] if stopped else ids)
-        records.append({"prompt": source, "completion": text, "completion_ids": ids, "stopped": stopped})
-        print(f"--- completion {i} ---\n{text}")
-    generated = int(output.completion_lens.sum())
+    for i, record in enumerate(records[:MAX_PRINTED]):
+        print(f"--- completion {i} ---\n{record['completion']}")
+    if len(records) > MAX_PRINTED:
+        print(f"--- ({len(records) - MAX_PRINTED} more completions in the output files) ---")
     print(f"--- {generated} tokens in {seconds:.2f} s ({generated / seconds:.1f} tokens/s) ---")
     path = Path(cfg.output_dir) / "generations.json"
     save_json(records, path)
     print(f"generations: {path}")
+    if cfg.get("messages_file"):
+        chats = Path(cfg.output_dir) / "generations.jsonl"
+        lines = [json.dumps({"messages": [*r["prompt"], {"role": "assistant", "content": r["completion"]}]},
+                            ensure_ascii=False) for r in records]
+        chats.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        print(f"completed chats: {chats}")
 
 
 if __name__ == "__main__":

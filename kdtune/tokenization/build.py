@@ -32,7 +32,9 @@ CHATML_TEMPLATE = (
 def train_chatml_tokenizer(texts: Iterable[str], out_dir, *, vocab_size: int = 512) -> Path:
     """Train on ``texts`` and write the tokenizer files into ``out_dir`` (created if needed)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits stay single tokens (as in Llama 3 and Qwen), so numbers are spelled digit by digit.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, IM_START, IM_END],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -93,3 +93,26 @@ def test_prompt_and_messages_are_exclusive(checkpoint, tmp_path):
                       f"output_dir={tmp_path}", "prompt=null")
     assert_user_error(proc, "prompt, messages")
     assert not (tmp_path / "generations.json").exists()
+
+
+def test_messages_file_in_batches_writes_completed_chats(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    rows = [{"messages": chat + [{"role": "assistant", "content": "a reference answer"}]} for chat in CHATS * 2]
+    rows.append({"messages": CHATS[0]})  # a prompt without a reply
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_kdtune("run", "generate", "--config", "tiny/generate", f"checkpoint_dir={ckpt}",
+                      f"output_dir={tmp_path / 'out'}", "prompt=null", f"messages_file={data}", "batch_size=2",
+                      "max_new_tokens=4")
+    assert proc.returncode == 0, proc.stderr
+    tok = load_tokenizer(ckpt)
+    chats = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in rows]
+    # Batches of 2 give what one batch of everything gives: greedy decoding is per row.
+    want = expected_completions(ckpt, [tok.apply_chat_template(c, add_generation_prompt=True) for c in chats],
+                                max_new_tokens=4)
+    completed = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    assert [c["messages"][:-1] for c in completed] == chats
+    for chat, ids in zip(completed, want):
+        reply = chat["messages"][-1]
+        assert reply["role"] == "assistant"
+        assert reply["content"] == tok.decode(ids[:-1] if ids[-1] in tok.eos_ids else ids)
