@@ -23,12 +23,14 @@ GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p")
 
 def check_settings(*, lmbda: float, seq_kd: bool, generation: dict, dataset) -> None:
     """Refuse settings that cannot work before any weight is loaded: ``lmbda`` outside [0, 1],
-    unknown generation options, and a prompt-only dataset on steps that need its replies."""
+    unknown or missing generation options, and a prompt-only dataset on steps that need its replies."""
     if not 0 <= lmbda <= 1:
         raise KDTuneError(f"lmbda: expected a probability in [0, 1], got {lmbda}")
     unknown = sorted(set(generation) - set(GENERATION_KEYS))
     if unknown:
         raise KDTuneError(f"generation: unknown option '{unknown[0]}'; allowed: {', '.join(GENERATION_KEYS)}")
+    if "max_new_tokens" not in generation:
+        raise KDTuneError("generation.max_new_tokens: required (the longest completion a step trains on)")
     if lmbda < 1 and not seq_kd:
         missing = next((i for i in range(len(dataset)) if not dataset[i]["completion"]), None)
         if missing is not None:
@@ -61,7 +63,9 @@ class OnPolicyBatches:
     """The loop's ``prepare_step``: picks the step's completion source, generates when it is a model,
     and returns the training batches (marked ``generated``) with the step's generation metrics.
 
-    ``generation`` holds `generate`'s ``max_new_tokens``, ``temperature``, ``top_k`` and ``top_p``.
+    ``generation`` holds `generate`'s ``max_new_tokens``, ``temperature``, ``top_k`` and ``top_p``;
+    the dataset's replies are cut to ``max_new_tokens`` too, so a step's memory does not depend on
+    where its completions came from.
     The source draw and the sampling have generators of their own, seeded by ``seed`` and saved in
     the recipe state, so a resumed run draws and samples what the uninterrupted run would.
     """
@@ -89,7 +93,7 @@ class OnPolicyBatches:
         batches, rows, generated, seconds = [], 0, 0, 0.0
         for batch in micro:
             prompts = unpadded_prompts(batch)
-            completions = batch["completions"]
+            completions = [c[: self.generation["max_new_tokens"]] for c in batch["completions"]]
             if source != "dataset":
                 start = time.perf_counter()
                 out = generate(self.student if source == "student" else self.teacher, prompts,
