@@ -24,8 +24,8 @@ def main(cfg):
     writer = offline.CacheWriter(
         cfg.output_dir, dataset, tokenizer, top_k=cfg.get("top_k", 64), temperature=cfg.get("temperature", 1.0),
         logprob_dtype=cfg.get("logprob_dtype", "fp16"), samples_per_shard=cfg.get("samples_per_shard", 1024),
-        teacher={"checkpoint_dir": str(teacher_checkpointer.checkpoint_dir),
-                 "dtype": teacher_node.get("dtype", cfg.get("dtype", "bf16")), "quantize": teacher_node.get("quantize")},
+        teacher={"checkpoint_dir": str(teacher_checkpointer.checkpoint_dir), "quantize": teacher_node.get("quantize"),
+                 "dtype": teacher_node.get("dtype", cfg.get("dtype", "bf16"))},
     )
     if writer.complete:
         print(f"{cfg.output_dir} already holds this cache, complete; nothing to do")

@@ -85,8 +85,9 @@ class CacheWriter:
         weight = weight[:vocab]  # padding rows of the embedding are no token
         lengths, per_shard = self.summary.lengths, self.index["samples_per_shard"]
         todo = [s for s, name in enumerate(self.index["shards"]) if not (self.folder / name).is_file()]
-        done = sum(lengths) - sum(sum(lengths[s * per_shard:(s + 1) * per_shard]) for s in todo)
-        bar = tqdm(total=sum(lengths), initial=done, unit="tok", unit_scale=True, desc="cache teacher", dynamic_ncols=True)
+        left = sum(sum(lengths[s * per_shard:(s + 1) * per_shard]) for s in todo)
+        bar = tqdm(total=sum(lengths), initial=sum(lengths) - left, unit="tok", unit_scale=True,
+                   desc="cache teacher", dynamic_ncols=True)
         for shard in todo:
             self._write_shard(shard, teacher, weight, batch_size, pad_id, device, bar)
         bar.close()
@@ -104,10 +105,10 @@ class CacheWriter:
             chosen = order[start:start + batch_size]
             batch = {key: v.to(device) for key, v in collate([self.dataset[i] for i in chosen], pad_id).items()}
             values, top_ids = teacher_topk(teacher, batch, weight, k, self.index["temperature"])
+            values, top_ids = store_logprobs(values.cpu(), logprobs.dtype), encode_ids(top_ids.cpu(), ids.shape[-1])
             counts = [samples[i][2] for i in chosen]
-            for i, v, t in zip(chosen, values.cpu().split(counts), top_ids.cpu().split(counts)):
-                offset = samples[i][1]
-                logprobs[offset:offset + len(v)] = store_logprobs(v, logprobs.dtype)
-                ids[offset:offset + len(t)] = encode_ids(t, ids.shape[-1])
+            for i, v, t in zip(chosen, values.split(counts), top_ids.split(counts)):
+                logprobs[samples[i][1]:samples[i][1] + len(v)] = v
+                ids[samples[i][1]:samples[i][1] + len(t)] = t
             bar.update(sum(self.summary.lengths[i] for i in chosen))
         write_shard(self.folder / self.index["shards"][shard], logprobs, ids)

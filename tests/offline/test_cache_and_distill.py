@@ -35,8 +35,8 @@ def recipe(name):
 @pytest.fixture(scope="module")
 def teacher(world, tmp_path_factory):
     """The world's teacher, sharper: predictive entropy ~2.4 nats instead of ~4.5 (near uniform)."""
-    folder = write_random_checkpoint(tiny_config(3, 64, 4, 2, init=0.4), tmp_path_factory.mktemp("sharp") / "teacher",
-                                     seed=1)
+    folder = tmp_path_factory.mktemp("sharp") / "teacher"
+    write_random_checkpoint(tiny_config(3, 64, 4, 2, init=0.4), folder, seed=1)
     for f in world["tokenizer"].iterdir():
         shutil.copy(f, folder / f.name)
     return folder
@@ -47,8 +47,9 @@ def make_cache(world, teacher, out, *extra):
 
 
 def cache_args(world, teacher, out, *extra) -> list[str]:
-    return ["--config", "tiny/cache_teacher_logits", f"output_dir={out}", f"teacher_checkpointer.checkpoint_dir={teacher}",
-            f"tokenizer.path={world['student']}", f"dataset.data_files={world['data']}", *extra]
+    return ["--config", "tiny/cache_teacher_logits", f"output_dir={out}",
+            f"teacher_checkpointer.checkpoint_dir={teacher}", f"tokenizer.path={world['student']}",
+            f"dataset.data_files={world['data']}", *extra]
 
 
 def distill_args(world, teacher, out, cache=None, *extra) -> list[str]:
@@ -96,7 +97,8 @@ def test_packed_samples_too(world, teacher, vocab_size, tmp_path):
 
 def test_top_64_stays_close_to_the_online_teacher(world, teacher, online, top64, vocab_size, tmp_path):
     index = json.loads((top64 / "index.json").read_text())
-    assert (index["top_k"], index["vocab_size"], index["id_bytes"], index["logprob_dtype"]) == (64, vocab_size, 2, "fp16")
+    settings = (index["top_k"], index["vocab_size"], index["id_bytes"], index["logprob_dtype"])
+    assert settings == (64, vocab_size, 2, "fp16")
     assert index["complete"] and index["num_rows"] == sum(count for _, _, count in index["samples"])
     assert index["teacher"] == {"checkpoint_dir": str(teacher), "dtype": "fp32", "quantize": None}
     offline = distill(world, teacher, tmp_path / "run", top64)
@@ -176,6 +178,7 @@ def test_a_cache_for_other_data_tokenizer_or_settings_is_refused(world, teacher,
         recipe("knowledge_distillation_single_device")(both)
     monkeypatch.delenv("KDTUNE_DEBUG")
     # Through the command line: one line, exit status 2, before any weight is loaded.
+    edited = f"dataset.data_files={tmp_path / 'edited.json'}"
     proc = run_kdtune("run", "knowledge_distillation_single_device",
-                      *distill_args(world, teacher, tmp_path / "run", top64, f"dataset.data_files={tmp_path / 'edited.json'}"))
+                      *distill_args(world, teacher, tmp_path / "run", top64, edited))
     assert_user_error(proc, "teacher_logits_cache", "different dataset")
