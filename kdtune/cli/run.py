@@ -5,6 +5,8 @@ Without torchrun options the recipe runs in this process, as if started with ``p
 ``torch.distributed.run``, which understands exactly torchrun's own options.
 """
 
+import logging
+import os
 import runpy
 import sys
 
@@ -55,12 +57,15 @@ def run(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run as torchrun
 
+    # torchrun's agent logs every worker's exit and the signals it sends the others: a user error
+    # stays one line, and a crash is reported by the ChildFailedError below (LOGLEVEL=INFO shows all).
+    logging.getLogger("torch.distributed.elastic").setLevel(os.environ.get("LOGLEVEL", "CRITICAL"))
     args = get_args_parser().parse_args([*launcher_argv, script, *recipe_argv])
     try:
         torchrun(args)
     except ChildFailedError as e:
-        codes = {f.exitcode for f in e.failures.values()}
-        if codes == {2}:  # a user error, already printed as one line by rank 0
+        # The first rank to fail decides: the agent stops the others as soon as one exits.
+        if e.get_first_failure()[1].exitcode == 2:  # a user error, already printed as one line by rank 0
             return 2
         raise
     return 0

@@ -1,0 +1,43 @@
+"""Knowledge distillation on several devices or nodes, with FSDP2 under torchrun.
+
+The same distillation as ``knowledge_distillation_single_device`` — a frozen teacher guiding a full,
+LoRA or QLoRA student through a fused ``(1 - kd_ratio) * CE + kd_ratio * KD`` loss — with both models
+sharded over the processes (each decoder layer and the root a ``fully_shard`` unit) and each rank
+taking its share of every global batch. Launch with
+``kdtune run --nproc_per_node N knowledge_distillation_distributed --config ...`` (add torchrun's
+``--nnodes``/``--rdzv_*`` options for several nodes). Copy this file (`kdtune cp`) to change how it works.
+"""
+
+import kdtune.config
+from kdtune import training
+from kdtune.config import instantiate
+from kdtune.datasets import collate
+from kdtune.training import distributed
+
+
+@kdtune.config.parse
+def main(cfg):
+    # 1. Join the process group; then everything that can be checked before a weight is loaded.
+    run = training.RunContext(cfg, distributed.FSDPDistribution())
+    kd = training.distillation_parts(cfg)
+    dataset = instantiate(cfg.dataset, tokenizer=kd.tokenizer)
+    batches = training.build_batches(cfg, run, dataset, lambda b: collate(b, kd.tokenizer.pad_id))
+
+    # 2. The models, each loaded (memory-mapped) on every rank and then sharded over the ranks.
+    student = distributed.shard(training.load_student(kd.checkpointer, cfg.model, device=run.device,
+                                                      dtype=run.dtype, resume_dir=run.resume_dir),
+                                run.dist, key="model")
+    teacher = distributed.shard(training.load_teacher(kd.teacher_checkpointer, cfg.get("teacher"),
+                                                      device=run.device, dtype=run.dtype),
+                                run.dist, key="teacher")
+
+    # 3. Loss, optimizer, schedule; then train, rank 0 saving HF-format checkpoints as it goes.
+    objective = training.DistillationObjective(student, teacher, kd.divergence, kd_ratio=cfg.kd_ratio,
+                                               form=cfg.get("loss_form", "fused"),
+                                               chunk_size=cfg.get("loss_chunk_size", 1024))
+    saver = distributed.sharded_saver(kd.checkpointer, student, run.dist)
+    training.build_loop(cfg, run, student, objective, batches, saver).train()
+
+
+if __name__ == "__main__":
+    main()
