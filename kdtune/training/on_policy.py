@@ -93,8 +93,9 @@ class OnPolicyBatches:
         batches, rows, generated, seconds = [], 0, 0, 0.0
         for batch in micro:
             prompts = unpadded_prompts(batch)
-            completions = [c[: self.generation["max_new_tokens"]] for c in batch["completions"]]
-            if source != "dataset":
+            if source == "dataset":
+                completions = [c[: self.generation["max_new_tokens"]] for c in batch["completions"]]
+            else:
                 start = time.perf_counter()
                 out = generate(self.student if source == "student" else self.teacher, prompts,
                                stop_ids=self.stop_ids, pad_id=self.pad_id, vocab_size=self.vocab_size,

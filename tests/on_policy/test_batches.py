@@ -90,16 +90,16 @@ def test_generated_completions_come_from_the_right_model(parts, monkeypatch, lmb
 
 
 def test_draws_are_reproducible_and_resume_from_the_state(parts, monkeypatch):
-    results, calls, _ = source_of(parts, monkeypatch, steps=8, lmbda=0.5, seq_kd=False)
+    results, calls, _ = source_of(parts, monkeypatch, steps=6, lmbda=0.5, seq_kd=False)
     fractions = [m["on_policy_fraction"] for _, m in results]
     assert 0 < fractions[-1] < 1
-    again, calls_again, _ = source_of(parts, monkeypatch, steps=8, lmbda=0.5, seq_kd=False)
+    again, calls_again, _ = source_of(parts, monkeypatch, steps=6, lmbda=0.5, seq_kd=False)
     assert calls_again == calls
-    # Stop after 3 steps, carry the state over (as a checkpoint does), and go on in a fresh source.
-    first, _, stopped = source_of(parts, monkeypatch, steps=3, lmbda=0.5, seq_kd=False)
+    # Stop after 2 steps, carry the state over (as a checkpoint does), and go on in a fresh source.
+    first, _, stopped = source_of(parts, monkeypatch, steps=2, lmbda=0.5, seq_kd=False)
     _, _, resumed = source_of(parts, monkeypatch, steps=0, lmbda=0.5, seq_kd=False)
     resumed.load_state_dict(stopped.state_dict())
-    rest = [resumed(parts[3]) for _ in range(5)]
+    rest = [resumed(parts[3]) for _ in range(4)]
     for (batches, metrics), (batches2, metrics2) in zip(results, first + rest):
         assert {k: v for k, v in metrics.items() if k != "generation_tokens_per_second"} == \
             {k: v for k, v in metrics2.items() if k != "generation_tokens_per_second"}

@@ -61,12 +61,12 @@ def test_student_moves_towards_the_teacher_on_held_out_prompts(world, chats, tmp
 
 
 def test_resume_reproduces_the_uninterrupted_run(world, chats, tmp_path):
-    args = ("max_steps_per_epoch=8", "save_every_n_steps=4", "loss_form=chunked", *LORA)
+    args = ("max_steps_per_epoch=6", "save_every_n_steps=3", "loss_form=chunked", *LORA)
     whole = run_gkd(world, chats, tmp_path / "whole", *args)
-    cut = tmp_path / "cut"  # killed right after its step-4 checkpoint
+    cut = tmp_path / "cut"  # killed right after its step-3 checkpoint
     shutil.copytree(tmp_path / "whole", cut)
     shutil.rmtree(cut / "epoch_1")
-    (cut / "metrics.jsonl").write_text("".join((cut / "metrics.jsonl").read_text().splitlines(True)[:4]))
+    (cut / "metrics.jsonl").write_text("".join((cut / "metrics.jsonl").read_text().splitlines(True)[:3]))
     resumed = run_gkd(world, chats, cut, *args, "resume_from_checkpoint=true")
     keys = ("loss", "kd_loss", "on_policy_fraction", "generated_length_mean")
     for key in keys:
@@ -79,6 +79,7 @@ def test_prompt_only_data_needs_generated_completions(world, chats, tmp_path):
     overrides = (*gkd_overrides(world, chats, tmp_path / "bad"), f"dataset.data_files={data}")
     proc = run_kdtune("run", RECIPE, "--config", CONFIG, *overrides, "lmbda=0.5")
     assert_user_error(proc, "lmbda", "no reference reply")
+    # A QLoRA student learning from replies the teacher writes.
     metrics = run_gkd(world, chats, tmp_path / "ok", f"dataset.data_files={data}", "lmbda=0.0", "seq_kd=true",
-                      *LORA, "+model.quantize_base=true", "max_steps_per_epoch=2")  # QLoRA student, teacher-written replies
+                      *LORA, "+model.quantize_base=true", "max_steps_per_epoch=2")
     assert [m["on_policy_fraction"] for m in metrics] == [0.0, 0.0] and "generated_length_mean" in metrics[0]
