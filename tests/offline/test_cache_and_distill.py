@@ -182,3 +182,19 @@ def test_a_cache_for_other_data_tokenizer_or_settings_is_refused(world, teacher,
     proc = run_kdtune("run", "knowledge_distillation_single_device",
                       *distill_args(world, teacher, tmp_path / "run", top64, edited))
     assert_user_error(proc, "teacher_logits_cache", "different dataset")
+
+
+def test_the_distributed_recipe_distills_from_the_cache_too(world, teacher, vocab_size, tmp_path):
+    make_cache(world, teacher, tmp_path / "cache", f"top_k={vocab_size}", "logprob_dtype=fp32")
+    common = (*base_overrides(world, tmp_path / "single"), "max_steps_per_epoch=2", "~teacher_checkpointer",
+              f"+teacher_logits_cache={tmp_path / 'cache'}")
+    recipe("knowledge_distillation_single_device")(["--config", "tiny/KD_single_device", *common, "batch_size=4"])
+    # 2 CPU processes with 2 samples each see the single device's batches of 4.
+    proc = run_kdtune("run", "--nproc_per_node", "2", "--standalone", "knowledge_distillation_distributed",
+                      "--config", "tiny/KD_distributed", *common, f"output_dir={tmp_path / 'sharded'}", "batch_size=2",
+                      env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single, sharded = (torch.tensor([[m[k] for k in ("loss", "ce_loss", "kd_loss")] for m in read_metrics(d)])
+                       for d in (tmp_path / "single" / "metrics.jsonl", tmp_path / "sharded" / "metrics.jsonl"))
+    assert len(single) == 2
+    torch.testing.assert_close(sharded, single, rtol=1e-5, atol=0)
