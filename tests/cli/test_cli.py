@@ -43,15 +43,14 @@ def test_validate_good_and_bad(tmp_path):
 
 
 def test_cp_copies_and_refuses_to_overwrite(tmp_path):
-    names = list(available_recipes()) + list(available_configs())
-    if not names:
-        pytest.skip("no built-in recipe or config yet")
-    for name in names:
-        proc = run_kdtune("cp", name, tmp_path)
+    names = list(available_recipes())[:1] + list(available_configs())[:1]  # the wheel test copies them all
+    for i, name in enumerate(names):  # into a folder: the file keeps its name
+        (tmp_path / str(i)).mkdir()
+        proc = run_kdtune("cp", name, tmp_path / str(i))
         assert proc.returncode == 0, proc.stderr
     name = names[0]
     src = available_recipes().get(name) or available_configs()[name]
-    dest = tmp_path / src.name
+    dest = tmp_path / "0" / src.name
     assert dest.read_bytes() == src.read_bytes()
     dest.write_text("edited")
     assert_user_error(run_kdtune("cp", name, dest), "exists", "--force")

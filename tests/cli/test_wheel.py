@@ -41,7 +41,7 @@ def test_wheel_lists_and_copies_builtins(tmp_path):
     builtins = {**available_recipes(), **available_configs()}
     assert builtins, "the checkout ships recipes and configs"
     for name, src in builtins.items():
-        dest = work / name.replace("/", "__")  # configs of several families share file names
+        dest = work / (name.replace("/", "__") + src.suffix)  # families share config file names
         proc = kdtune("cp", name, dest)
         assert proc.returncode == 0, proc.stderr
-        assert dest.with_suffix(src.suffix).read_bytes() == src.read_bytes()
+        assert dest.read_bytes() == src.read_bytes()
