@@ -21,8 +21,7 @@ def main(cfg):
     model = training.load_student(checkpointer, cfg.get("model"), device=run.device, dtype=run.dtype,
                                   resume_dir=run.resume_dir)
 
-    objective = training.DistillationObjective(model, form=cfg.get("loss_form", "fused"),
-                                               chunk_size=cfg.get("loss_chunk_size", 1024))
+    objective = training.DistillationObjective(model, **training.loss_options(cfg))
     loop = training.build_loop(cfg, run, model, objective, batches, training.student_saver(checkpointer, model))
     loop.train()
 

@@ -35,8 +35,7 @@ def main(cfg):
 
     # 3. Loss, optimizer, schedule; then train, rank 0 saving HF-format checkpoints as it goes.
     objective = training.DistillationObjective(student, teacher, kd.divergence, kd_ratio=cfg.kd_ratio,
-                                               form=cfg.get("loss_form", "fused"),
-                                               chunk_size=cfg.get("loss_chunk_size", 1024))
+                                               **training.loss_options(cfg))
     saver = distributed.sharded_saver(kd.checkpointer, student, run.dist)
     training.build_loop(cfg, run, student, objective, batches, saver).train()
 

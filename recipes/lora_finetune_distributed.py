@@ -33,8 +33,7 @@ def main(cfg):
     if run.dist.is_main:
         print(training.describe_trainable(model))
 
-    objective = training.DistillationObjective(model, form=cfg.get("loss_form", "fused"),
-                                               chunk_size=cfg.get("loss_chunk_size", 1024))
+    objective = training.DistillationObjective(model, **training.loss_options(cfg))
     training.build_loop(cfg, run, model, objective, batches,
                         distributed.sharded_saver(checkpointer, model, run.dist)).train()
 

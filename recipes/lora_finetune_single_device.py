@@ -29,8 +29,7 @@ def main(cfg):
                                   resume_dir=run.resume_dir)
     print(training.describe_trainable(model))
 
-    objective = training.DistillationObjective(model, form=cfg.get("loss_form", "fused"),
-                                               chunk_size=cfg.get("loss_chunk_size", 1024))
+    objective = training.DistillationObjective(model, **training.loss_options(cfg))
     training.build_loop(cfg, run, model, objective, batches, training.student_saver(checkpointer, model)).train()
 
 

@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 
 import kdtune.config
 from kdtune import training
-from kdtune.checkpointing import check_vocab_compatible
 from kdtune.config import instantiate
 from kdtune.datasets import collate_prompts
 from kdtune.errors import KDTuneError
@@ -24,14 +23,11 @@ from kdtune.training.on_policy import GKDObjective, OnPolicyBatches, check_setti
 def main(cfg):
     # 1. Everything that can be checked before a weight is loaded.
     run = training.RunContext(cfg)
-    if not 0 <= cfg.kd_ratio <= 1:
-        raise KDTuneError(f"kd_ratio: expected a value in [0, 1], got {cfg.kd_ratio}")
-    tokenizer = instantiate(cfg.tokenizer)
-    checkpointer = instantiate(cfg.checkpointer)
-    teacher_checkpointer = instantiate(cfg.teacher_checkpointer)
-    vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir, teacher_checkpointer.checkpoint_dir,
-                                        tokenizer.vocab_size)
-    divergence = instantiate(cfg.kd_loss, vocab_size=vocab_size)
+    kd = training.distillation_parts(cfg)
+    if kd.teacher_cache:
+        raise KDTuneError("teacher_logits_cache: on-policy distillation grades the student's own samples, "
+                          "so it needs the teacher itself (teacher_checkpointer)")
+    tokenizer, checkpointer, divergence = kd.tokenizer, kd.checkpointer, kd.divergence
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)  # prompts, with their reference replies if any
     generation = OmegaConf.to_container(cfg.generation, resolve=True)
     check_settings(lmbda=cfg.lmbda, seq_kd=cfg.seq_kd, generation=generation, dataset=dataset)
@@ -40,14 +36,14 @@ def main(cfg):
     # 2. The models: a trainable student and a frozen teacher.
     student = training.load_student(checkpointer, cfg.model, device=run.device, dtype=run.dtype,
                                     resume_dir=run.resume_dir)
-    teacher = training.load_teacher(teacher_checkpointer, cfg.get("teacher"), device=run.device, dtype=run.dtype)
+    teacher = training.load_teacher(kd.teacher_checkpointer, cfg.get("teacher"), device=run.device, dtype=run.dtype)
 
     # 3. Each step's completions (student, teacher or dataset), the loss on them; then train.
     batches = OnPolicyBatches(student, teacher, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd, seed=run.seed,
                               generation=generation, stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                              vocab_size=vocab_size, device=run.device)
+                              vocab_size=divergence.vocab_size, device=run.device)
     objective = GKDObjective(student, teacher, divergence, kd_ratio=cfg.kd_ratio,
-                             form=cfg.get("loss_form", "fused"), chunk_size=cfg.get("loss_chunk_size", 1024))
+                             **training.loss_options(cfg))
     loop = training.build_loop(cfg, run, student, objective, prompts, training.student_saver(checkpointer, student),
                                prepare_step=batches)
     loop.train()

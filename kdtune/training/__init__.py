@@ -14,7 +14,7 @@ from kdtune.training.metric_logging import (
     read_metrics,
 )
 from kdtune.training.models import describe_trainable, is_lora, load_student, load_teacher, student_saver
-from kdtune.training.objectives import DistillationObjective
+from kdtune.training.objectives import DistillationObjective, loss_options
 from kdtune.training.plot import plot_metrics
 from kdtune.training.rng import get_rng_state, set_rng_state, set_seed
 from kdtune.training.setup import DistillationParts, RunContext, build_batches, build_loop, distillation_parts
@@ -42,6 +42,7 @@ __all__ = [
     "is_lora",
     "load_student",
     "load_teacher",
+    "loss_options",
     "plot_metrics",
     "read_metrics",
     "set_rng_state",

@@ -16,6 +16,11 @@ from kdtune.training.loop import StepLoss
 FORMS = ("fused", "chunked", "full")
 
 
+def loss_options(cfg) -> dict:
+    """The config's ``loss_form`` and ``loss_chunk_size`` as `DistillationObjective` arguments."""
+    return {"form": cfg.get("loss_form", "fused"), "chunk_size": cfg.get("loss_chunk_size", 256)}
+
+
 def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("mask", "input_pos") if k in batch}
 
