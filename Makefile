@@ -17,5 +17,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
