@@ -13,8 +13,9 @@ and plenty of unlabeled prompts.
  5. students, each trained for the same number of steps from the same pretrained student:
     student_sft  supervised fine-tuning on the labeled chats alone (the baseline)
     student_kd   knowledge_distillation_single_device on labeled + teacher-answered chats
-    student_gkd  on_policy_distillation_single_device on the unlabeled prompts: the student answers,
-                 the teacher grades every token (generalized JSD)
+    student_gkd  on_policy_distillation_single_device on the same chats: on half the steps the
+                 student answers the prompts itself, and the teacher grades every token
+                 (generalized JSD) of the student's answers or of the chats' replies
  6. eleuther_eval exact match on the held-out split for the teacher and every student
  7. a table, demo_output/summary.json and the loss curves (kdtune plot)
 
@@ -176,13 +177,11 @@ def main() -> None:
                *pretrain))
 
     print("3. LoRA-finetune the teacher on the labeled chats; meanwhile the SFT baseline student", flush=True)
-    student_data = {name: repeated(f"{name}_steps", path, STUDENT_STEPS * BATCH) for name, path in
-                    (("sft", files["labeled"]), ("gkd", files["unlabeled"]))}
     wait(train("lora_finetune_single_device", "tiny/lora_finetune_single_device", "teacher_lora",
                final("teacher_pretrain"), repeated("teacher_lora_steps", files["labeled"], 100 * BATCH), *chats,
                "optimizer.lr=0.001"),
          train("full_finetune_single_device", "tiny/full_finetune_single_device", "student_sft",
-               final("student_pretrain"), student_data["sft"], *chats))
+               final("student_pretrain"), repeated("sft_steps", files["labeled"], STUDENT_STEPS * BATCH), *chats))
     teacher = final("teacher_lora")
 
     print("4. the teacher answers the unlabeled prompts", flush=True)
@@ -195,11 +194,12 @@ def main() -> None:
 
     print(f"5. distilled students, {STUDENT_STEPS} steps each like the SFT baseline", flush=True)
     teacher_args = [f"teacher_checkpointer.checkpoint_dir={teacher}"]
+    kd_steps = repeated("kd_steps", kd_data, STUDENT_STEPS * BATCH)
     wait(train("knowledge_distillation_single_device", "tiny/KD_full_single_device", "student_kd",
-               final("student_pretrain"), repeated("kd_steps", kd_data, STUDENT_STEPS * BATCH), *chats, *teacher_args),
+               final("student_pretrain"), kd_steps, *chats, *teacher_args),
          train("on_policy_distillation_single_device", "tiny/GKD_single_device", "student_gkd",
-               final("student_pretrain"), student_data["gkd"], f"batch_size={BATCH}", "lmbda=1.0",
-               "optimizer.lr=0.001", *teacher_args))
+               final("student_pretrain"), kd_steps, f"batch_size={BATCH}", "lmbda=0.5", "optimizer.lr=0.001",
+               *teacher_args))
 
     print("6. evaluate on the held-out split (exact match)", flush=True)
     models = {"teacher": teacher, "student_sft": final("student_sft"), "student_kd": final("student_kd"),
