@@ -9,21 +9,11 @@ import torch.nn.functional as F
 
 from kdtune.datasets import IGNORE_INDEX, arithmetic_dataset, collate
 from kdtune.tokenization import load_tokenizer
+from tests.models.tiny import qwen_tokenizer_config
 
 QWEN = Path(__file__).parents[1] / "assets" / "qwen2_5_tokenizer"
-TINY_QWEN2 = {
-    "model_type": "qwen2",
-    "vocab_size": 151936,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": True,
-    "initializer_range": 0.5,  # large weights, so attention is far from uniform and leaks would show
-}
+# Large weights, so attention is far from uniform and leaks across samples would show.
+TINY_QWEN2 = qwen_tokenizer_config(initializer_range=0.5)
 
 
 def token_losses(model, batch):

@@ -9,23 +9,12 @@ import torch
 
 from kdtune.checkpointing import ADAPTER_SUBDIR, HFCheckpointer, load_model, save_peft_adapter, write_random_checkpoint
 from kdtune.modules.lora import apply_lora, lora_modules, merge_lora_state_dict
+from tests.models.tiny import qwen_tokenizer_config
 
 QWEN_TOKENIZER = Path(__file__).parents[1] / "assets" / "qwen2_5_tokenizer"
-TINY_QWEN2 = {
-    "model_type": "qwen2",
-    "vocab_size": 151936,  # covers the tokenizer, padded like Qwen2.5-0.5B
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.5,  # peaked next-token distributions: greedy choices are clear-cut
-    "eos_token_id": 151645,
-}
+# Peaked next-token distributions, so greedy choices are clear-cut.
+TINY_QWEN2 = qwen_tokenizer_config(rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.5,
+                                   eos_token_id=151645)
 
 
 @pytest.fixture(scope="session", autouse=True)

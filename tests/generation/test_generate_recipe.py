@@ -12,21 +12,10 @@ from kdtune.generation import generate
 from kdtune.modules.lora import apply_lora, lora_modules
 from kdtune.tokenization import load_tokenizer
 from tests.cli_utils import assert_user_error, run_kdtune
+from tests.models.tiny import qwen_tokenizer_config
 
 QWEN = Path(__file__).parents[1] / "assets" / "qwen2_5_tokenizer"
-TINY_QWEN2_5 = {
-    "model_type": "qwen2",
-    "vocab_size": 151936,  # Qwen2.5's padded embedding: larger than the tokenizer's 151,665 ids
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": True,
-    "initializer_range": 0.3,
-}
+TINY_QWEN2_5 = qwen_tokenizer_config(rope_theta=1000000.0, initializer_range=0.3)
 CHATS = [
     [{"role": "user", "content": "What is 2 + 2?"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],

@@ -70,3 +70,11 @@ def make_checkpoint(name: str, out_dir: Path, *, max_shard_size=None, seed: int 
                 tensors[key] = 1 + 0.3 * torch.randn(t.shape, generator=gen)
         save_file(tensors, path, metadata={"format": "pt"})
     return out_dir
+
+
+def qwen_tokenizer_config(**changes) -> dict:
+    """A tiny Qwen2 config whose embedding covers the real Qwen2.5 tokenizer of tests/assets
+    (151,936 rows like Qwen2.5-0.5B, more than the tokenizer's 151,665 ids)."""
+    return {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 512, "rope_theta": 10000.0, "tie_word_embeddings": True, **changes}
