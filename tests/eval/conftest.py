@@ -92,8 +92,9 @@ def lora_step(qwen_checkpoint, tmp_path_factory) -> Path:
     apply_lora(model, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, apply_lora_to_output=True,
                lora_rank=4, lora_alpha=8)
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
+    with torch.no_grad():  # both factors drawn here, so the fixture does not depend on test order
         for module in lora_modules(model).values():
+            module.lora_a.weight.normal_(0.0, 0.2, generator=gen)
             module.lora_b.weight.normal_(0.0, 0.2, generator=gen)
     checkpointer = HFCheckpointer(qwen_checkpoint, tmp_path_factory.mktemp("lora_run"))
     return checkpointer.save(
