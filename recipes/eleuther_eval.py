@@ -8,12 +8,18 @@ Prints lm-eval's results table and writes ``${output_dir}/results.json``. Copy t
 
 from pathlib import Path
 
-import lm_eval
-from lm_eval.utils import make_table
 from omegaconf import OmegaConf
 
 import kdtune.config
-from kdtune import eval as kd_eval
+from kdtune.errors import KDTuneError
+
+try:
+    import lm_eval
+    from lm_eval.utils import make_table
+
+    from kdtune import eval as kd_eval
+except ImportError as e:  # lm-eval is an optional extra
+    raise KDTuneError(f"eleuther_eval needs lm-eval ({e}): pip install 'kdtune[eval]'") from None
 from kdtune.checkpointing import load_model, load_peft_adapter
 from kdtune.config import instantiate
 from kdtune.training.precision import resolve_device, resolve_dtype

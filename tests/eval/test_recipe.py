@@ -2,6 +2,8 @@
 (exact match) task, on a base checkpoint plus a LoRA adapter."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -68,3 +70,11 @@ def test_results_file_is_plain_json_and_keeps_samples_only_when_asked(tmp_path):
 def test_missing_include_path_is_a_user_error(tmp_path):
     with pytest.raises(KDTuneError, match="include_path: no such folder"):
         task_manager(str(tmp_path / "nowhere"), include_defaults=False)
+
+
+def test_without_lm_eval_the_recipe_says_what_to_install(tmp_path):
+    # A None entry in sys.modules makes `import lm_eval` fail as if the package were absent.
+    code = ("import sys; sys.modules['lm_eval'] = None; from kdtune.cli.main import main; "
+            f"sys.exit(main(['run', 'eleuther_eval', '--config', 'tiny/eval', 'output_dir={tmp_path}']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert_user_error(proc, "pip install 'kdtune[eval]'")
