@@ -1,7 +1,12 @@
 """The single-device recipes end to end through `kdtune run` on tiny checkpoints."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -166,3 +171,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
                       "lr_scheduler.num_warmup_steps=0", "save_every_n_steps=1", "epochs=3")
     assert_user_error(proc, "at step", "last good checkpoint")
     assert (out / "step_1" / "config.json").is_file()
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_losses(world, tmp_path):
+    """A real SIGKILL once a checkpoint exists (the process may be mid-step or mid-save), then a resume."""
+    args = ("epochs=4", "save_every_n_steps=4", "batch_size=2")
+    whole = run_recipe("full", world, tmp_path / "whole", *args)
+    out = tmp_path / "killed"
+    recipe, config, overrides = RECIPES["full"]
+    proc = subprocess.Popen([sys.executable, "-m", "kdtune.cli.main", "run", recipe, "--config", config,
+                             *overrides(world, out), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (out / "step_4" / "recipe_state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "epoch_4").exists()
+    resumed = run_recipe("full", world, out, *args, "resume_from_checkpoint=true")
+    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(whole)), atol=1e-6, rtol=1e-6)
