@@ -24,7 +24,11 @@ def tiny_config(layers: int, hidden: int, heads: int, kv_heads: int, init: float
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def build_world(root) -> dict:
+    """The world's files under ``root``; the same bytes every time (seeded data, tokenizer, weights)."""
     rows = arithmetic_rows(64, seed=1, max_digits=2)
     alpaca = [{"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]}
               for r in rows]
