@@ -1,38 +1,136 @@
 """Knowledge distillation on one device.
 
-A frozen teacher guides a student (full, LoRA or QLoRA). The loss is
-``(1 - kd_ratio) * CE + kd_ratio * KD`` with ``kd_loss`` any kdtune divergence (forward/reverse KL,
-generalized JSD, skew KL, TVD), by default fused with the output projections so neither model's
-``[tokens, vocab]`` logits ever exist. With ``teacher_logits_cache`` (made by the
-cache_teacher_logits recipe) in place of ``teacher_checkpointer`` the teacher is never loaded: the KD
-term uses its cached top-k log-probabilities. Copy this file (`kdtune cp`) to change how it works.
+A frozen teacher guides a student (full, LoRA or QLoRA): each optimizer step minimizes
+``(1 - kd_ratio) * CE + kd_ratio * KD``, with ``kd_loss`` any kdtune divergence (forward/reverse KL,
+generalized JSD, skew KL, TVD), by default fused with the output projections so that neither
+model's ``[tokens, vocab]`` logits ever exist. With ``teacher_logits_cache`` (made by the
+cache_teacher_logits recipe) in place of ``teacher_checkpointer`` the teacher is never loaded: the
+KD term uses its cached top-k log-probabilities.
+
+The training step is this file: copy it (``kdtune cp knowledge_distillation_single_device my_kd.py``)
+and edit it — a kd_ratio schedule, a metric of your own, other optimizer parameter groups, another
+loss term. kdtune supplies the parts: loading, data, resumable state, losses, savers and loggers.
 """
+
+import time
+
+import torch
 
 import kdtune.config
 from kdtune import offline, training
 from kdtune.config import instantiate
+from kdtune.config.settings import DistillationSettings, read_settings
+from kdtune.errors import KDTuneError
+from kdtune.losses import ForwardKLLoss, LinearKDLoss
 
 
 @kdtune.config.parse
 def main(cfg):
-    # 1. Everything that can be checked before a weight is loaded.
-    run = training.RunContext(cfg)
+    # 1. Settings, output folder and data: everything that can be checked before a weight loads.
+    s = read_settings(cfg, DistillationSettings)
+    run = training.RunContext(cfg, s)
     kd = training.distillation_parts(cfg)
     dataset, collate = offline.join_teacher_cache(instantiate(cfg.dataset, tokenizer=kd.tokenizer), kd.teacher_cache,
                                                   tokenizer=kd.tokenizer, temperature=kd.divergence.temperature)
-    batches = training.build_batches(cfg, run, dataset, lambda b: collate(b, kd.tokenizer.pad_id))
+    steps = training.StepBatches(dataset, batch_size=s.batch_size, collate_fn=lambda b: collate(b, kd.tokenizer.pad_id),
+                                 seed=run.seed, shuffle=s.shuffle, max_steps_per_epoch=s.max_steps_per_epoch,
+                                 gradient_accumulation_steps=s.gradient_accumulation_steps, dist=run.dist)
+    if s.validation and kd.teacher_cache:
+        raise KDTuneError("validation: the teacher cache holds the training samples only; validating needs the "
+                          "teacher itself (teacher_checkpointer)")
+    val_batches = training.build_validation(cfg, s, kd.tokenizer, lambda b: collate(b, kd.tokenizer.pad_id), run.dist)
 
     # 2. The models: a trainable student and a frozen teacher (none when distilling from a cache).
-    student = training.load_student(kd.checkpointer, cfg.model, device=run.device, dtype=run.dtype,
+    student = training.load_student(kd.checkpointer, cfg.get("model"), device=run.device, dtype=run.dtype,
                                     resume_dir=run.resume_dir)
     teacher = None if kd.teacher_cache else training.load_teacher(kd.teacher_checkpointer, cfg.get("teacher"),
                                                                   device=run.device, dtype=run.dtype)
+    if s.compile:  # each decoder layer on its own: the first steps run slower while they compile
+        for layer in student.layers:
+            layer.compile()
 
-    # 3. Loss, optimizer, schedule; then train, saving HF-format checkpoints as it goes.
-    objective = training.DistillationObjective(student, teacher, kd.divergence, kd_ratio=cfg.kd_ratio,
-                                               **training.loss_options(cfg))
-    loop = training.build_loop(cfg, run, student, objective, batches, training.student_saver(kd.checkpointer, student))
-    loop.train()
+    # 3. Optimizer, schedule, losses, saver, logger, and the state a resume restores.
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = instantiate(cfg.optimizer, params)
+    lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
+    kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size)
+    kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
+                                 chunk_size=s.loss_chunk_size)  # validation's val_kl, whatever kd_loss is
+    save = training.student_saver(kd.checkpointer, student)
+    logger = training.build_metric_logger(cfg.get("metric_logger"), run.output_dir, run.dist)
+    state = training.TrainingState(run.dist)
+    state.register("optimizer", run.dist.optimizer_state(student, optimizer))
+    state.register("lr_scheduler", lr_scheduler)
+    if run.resume_dir is not None:
+        state.load(run.resume_dir)
+
+    def forward(batch):
+        """The student's final hidden states, and the teacher's (or its cached top-k) with its output weight."""
+        inputs = {"mask": batch.get("mask"), "input_pos": batch.get("input_pos"), "return_hidden": True}
+        hidden = student(batch["tokens"], **inputs)
+        if teacher is None:
+            return hidden, batch["teacher_topk"], None
+        with torch.no_grad():
+            return hidden, teacher(batch["tokens"], **inputs), teacher.output_weight
+
+    def validate(kd_ratio: float) -> dict:
+        """Held-out losses of the student as it is now, over every process's share of the data."""
+        student.eval()
+        num_tokens = training.step_tokens(val_batches, run.dist)
+        metrics = training.StepMetrics()
+        with torch.no_grad():
+            for batch in val_batches:
+                batch = training.to_device(batch, run.device)
+                hidden, teacher_out, teacher_weight = forward(batch)
+                heads = (hidden, student.output_weight, teacher_out, teacher_weight, batch["labels"])
+                ce, kd_term = kd_loss(*heads, kd_ratio=kd_ratio, num_tokens=num_tokens)
+                kl = kl_to_teacher(*heads, kd_ratio=1.0, num_tokens=num_tokens)[1]
+                metrics.add(val_loss=(1 - kd_ratio) * ce + kd_ratio * kd_term, val_ce_loss=ce, val_kd_loss=kd_term,
+                            val_kl=kl)
+        student.train()
+        return metrics.reduce(run.dist)
+
+    # 4. Train: each optimizer step accumulates the gradients of its micro-batches, then steps.
+    bar = training.progress_bar(s.epochs * steps.steps_per_epoch, state.global_step, run.dist)
+    last_checkpoint = run.resume_dir
+    student.train()
+    while state.epoch < s.epochs:
+        for micro in steps.epoch(state):  # state.global_step now numbers this step
+            start = time.perf_counter()
+            kd_ratio = s.kd_ratio
+            num_tokens = training.step_tokens(micro, run.dist)  # of all micro-batches on all processes
+            metrics = training.StepMetrics()
+            for batch in micro:
+                batch = training.to_device(batch, run.device)
+                hidden, teacher_out, teacher_weight = forward(batch)
+                ce, kd_term = kd_loss(hidden, student.output_weight, teacher_out, teacher_weight, batch["labels"],
+                                      kd_ratio=kd_ratio, num_tokens=num_tokens)
+                loss = (1 - kd_ratio) * ce + kd_ratio * kd_term
+                run.dist.backward(loss)
+                metrics.add(loss=loss, ce_loss=ce, kd_loss=kd_term)
+            values = metrics.reduce(run.dist)
+            training.check_finite(values["loss"], state.global_step, last_checkpoint)
+            if s.clip_grad_norm is not None:
+                values["grad_norm"] = run.dist.clip_grad_norm(params, s.clip_grad_norm)
+            values["lr"] = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            values.update(kd_ratio=kd_ratio, num_tokens=num_tokens, peak_memory_gb=training.peak_memory_gb(run.device),
+                          tokens_per_second=num_tokens / run.dist.world_size / (time.perf_counter() - start))
+            if val_batches and state.global_step % s.validation.every_n_steps == 0:
+                values.update(validate(kd_ratio))
+            if logger and state.global_step % s.log_every_n_steps == 0:
+                logger.log_dict({"epoch": state.epoch, **values}, step=state.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_second']:.0f}")
+            if s.save_every_n_steps and state.global_step % s.save_every_n_steps == 0 \
+                    and state.step_in_epoch < steps.steps_per_epoch:  # the epoch's end saves anyway
+                last_checkpoint = save(step=state.global_step, recipe_state=state.state_dict())
+        last_checkpoint = save(epoch=state.epoch, recipe_state=state.state_dict())
+    bar.close()
+    if logger:
+        logger.close()
 
 
 if __name__ == "__main__":

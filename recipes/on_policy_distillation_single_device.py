@@ -6,47 +6,144 @@ otherwise the teacher writes them (``seq_kd: true``) or the dataset's own replie
 is the ``kd_loss`` divergence (default: generalized JSD, beta 0.5) on completion tokens only, fused
 with the output projections; ``kd_ratio < 1`` mixes cross-entropy in on the dataset's replies.
 ``generation.temperature`` is the sampling temperature, ``kd_loss.temperature`` the loss's.
-Copy this file (`kdtune cp`) to change how it works.
+
+The training step is this file: copy it (``kdtune cp on_policy_distillation_single_device my_gkd.py``)
+and edit it — how completions are chosen, the loss on them, a metric of your own. kdtune supplies the
+parts: loading, data, generation, resumable state, losses, savers and loggers.
 """
 
-from omegaconf import OmegaConf
+import dataclasses
+import time
+
+import torch
 
 import kdtune.config
 from kdtune import training
 from kdtune.config import instantiate
+from kdtune.config.settings import OnPolicySettings, read_settings
 from kdtune.datasets import collate_prompts
 from kdtune.errors import KDTuneError
-from kdtune.training.on_policy import GKDObjective, OnPolicyBatches, check_settings
+from kdtune.losses import ForwardKLLoss, LinearKDLoss
+from kdtune.training.on_policy import OnPolicyBatches, check_replies, completion_batch
 
 
 @kdtune.config.parse
 def main(cfg):
-    # 1. Everything that can be checked before a weight is loaded.
-    run = training.RunContext(cfg)
+    # 1. Settings, output folder and prompts: everything that can be checked before a weight loads.
+    s = read_settings(cfg, OnPolicySettings)
+    run = training.RunContext(cfg, s)
     kd = training.distillation_parts(cfg)
     if kd.teacher_cache:
         raise KDTuneError("teacher_logits_cache: on-policy distillation grades the student's own samples, "
                           "so it needs the teacher itself (teacher_checkpointer)")
-    tokenizer, checkpointer, divergence = kd.tokenizer, kd.checkpointer, kd.divergence
+    tokenizer = kd.tokenizer
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)  # prompts, with their reference replies if any
-    generation = OmegaConf.to_container(cfg.generation, resolve=True)
-    check_settings(lmbda=cfg.lmbda, seq_kd=cfg.seq_kd, generation=generation, dataset=dataset)
-    prompts = training.build_batches(cfg, run, dataset, lambda b: collate_prompts(b, tokenizer.pad_id))
+    check_replies(lmbda=s.lmbda, seq_kd=s.seq_kd, dataset=dataset)
+    steps = training.StepBatches(dataset, batch_size=s.batch_size, collate_fn=lambda b: collate_prompts(b, tokenizer.pad_id),
+                                 seed=run.seed, shuffle=s.shuffle, max_steps_per_epoch=s.max_steps_per_epoch,
+                                 gradient_accumulation_steps=s.gradient_accumulation_steps, dist=run.dist)
+    replies = s.generation.max_new_tokens  # the dataset's replies are cut as long as a generated one can be
+
+    def reference_batch(samples):  # prompts with the dataset's replies, for validation
+        return completion_batch([x["prompt"] for x in samples], [x["completion"][:replies] for x in samples],
+                                stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+
+    val_batches = training.build_validation(cfg, s, tokenizer, reference_batch, run.dist)
 
     # 2. The models: a trainable student and a frozen teacher.
-    student = training.load_student(checkpointer, cfg.model, device=run.device, dtype=run.dtype,
+    student = training.load_student(kd.checkpointer, cfg.get("model"), device=run.device, dtype=run.dtype,
                                     resume_dir=run.resume_dir)
     teacher = training.load_teacher(kd.teacher_checkpointer, cfg.get("teacher"), device=run.device, dtype=run.dtype)
+    if s.compile:  # each decoder layer on its own: the first steps run slower while they compile
+        for layer in student.layers:
+            layer.compile()
 
-    # 3. Each step's completions (student, teacher or dataset), the loss on them; then train.
-    batches = OnPolicyBatches(student, teacher, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd, seed=run.seed,
-                              generation=generation, stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                              vocab_size=divergence.vocab_size, device=run.device)
-    objective = GKDObjective(student, teacher, divergence, kd_ratio=cfg.kd_ratio,
-                             **training.loss_options(cfg))
-    loop = training.build_loop(cfg, run, student, objective, prompts, training.student_saver(checkpointer, student),
-                               prepare_step=batches)
-    loop.train()
+    # 3. Each step's completions (student, teacher or dataset); optimizer, schedule, losses, saver,
+    # logger, and the state a resume restores (the completion source's generators included).
+    completions = OnPolicyBatches(student, teacher, lmbda=s.lmbda, seq_kd=s.seq_kd, seed=run.seed,
+                                  generation=dataclasses.asdict(s.generation), stop_ids=tokenizer.eos_ids,
+                                  pad_id=tokenizer.pad_id, vocab_size=kd.divergence.vocab_size, device=run.device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = instantiate(cfg.optimizer, params)
+    lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
+    kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size)
+    kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
+                                 chunk_size=s.loss_chunk_size)  # validation's val_kl, whatever kd_loss is
+    save = training.student_saver(kd.checkpointer, student)
+    logger = training.build_metric_logger(cfg.get("metric_logger"), run.output_dir, run.dist)
+    state = training.TrainingState(run.dist)
+    state.register("optimizer", run.dist.optimizer_state(student, optimizer))
+    state.register("lr_scheduler", lr_scheduler)
+    state.register("completions", completions)
+    if run.resume_dir is not None:
+        state.load(run.resume_dir)
+
+    def forward(batch):
+        """The student's and the teacher's final hidden states, and the teacher's output weight."""
+        inputs = {"mask": batch.get("mask"), "input_pos": batch.get("input_pos"), "return_hidden": True}
+        hidden = student(batch["tokens"], **inputs)
+        with torch.no_grad():
+            return hidden, teacher(batch["tokens"], **inputs), teacher.output_weight
+
+    def validate(kd_ratio: float) -> dict:
+        """Held-out losses on the validation set's reference replies, of the student as it is now."""
+        student.eval()
+        num_tokens = training.step_tokens(val_batches, run.dist)
+        metrics = training.StepMetrics()
+        with torch.no_grad():
+            for batch in val_batches:
+                batch = training.to_device(batch, run.device)
+                hidden, teacher_hidden, teacher_weight = forward(batch)
+                heads = (hidden, student.output_weight, teacher_hidden, teacher_weight, batch["labels"])
+                ce, kd_term = kd_loss(*heads, kd_ratio=kd_ratio, num_tokens=num_tokens)
+                kl = kl_to_teacher(*heads, kd_ratio=1.0, num_tokens=num_tokens)[1]
+                metrics.add(val_loss=(1 - kd_ratio) * ce + kd_ratio * kd_term, val_ce_loss=ce, val_kd_loss=kd_term,
+                            val_kl=kl)
+        student.train()
+        return metrics.reduce(run.dist)
+
+    # 4. Train: each step makes its completions, accumulates the gradients of its micro-batches, steps.
+    bar = training.progress_bar(s.epochs * steps.steps_per_epoch, state.global_step, run.dist)
+    last_checkpoint = run.resume_dir
+    student.train()
+    while state.epoch < s.epochs:
+        for prompts in steps.epoch(state):  # state.global_step now numbers this step
+            start = time.perf_counter()
+            micro, generation_metrics = completions(prompts)  # batches marked "generated" or not
+            num_tokens = training.step_tokens(micro, run.dist)  # completion tokens of all micro-batches
+            metrics = training.StepMetrics()
+            for batch in micro:
+                kd_ratio = 1.0 if batch["generated"] else s.kd_ratio  # generated completions: the divergence alone
+                batch = training.to_device(batch, run.device)
+                hidden, teacher_hidden, teacher_weight = forward(batch)
+                ce, kd_term = kd_loss(hidden, student.output_weight, teacher_hidden, teacher_weight, batch["labels"],
+                                      kd_ratio=kd_ratio, num_tokens=num_tokens)
+                loss = (1 - kd_ratio) * ce + kd_ratio * kd_term
+                run.dist.backward(loss)
+                metrics.add(loss=loss, ce_loss=ce, kd_loss=kd_term)
+            values = {**metrics.reduce(run.dist), **generation_metrics}
+            training.check_finite(values["loss"], state.global_step, last_checkpoint)
+            if s.clip_grad_norm is not None:
+                values["grad_norm"] = run.dist.clip_grad_norm(params, s.clip_grad_norm)
+            values["lr"] = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            values.update(kd_ratio=s.kd_ratio, num_tokens=num_tokens, peak_memory_gb=training.peak_memory_gb(run.device),
+                          tokens_per_second=num_tokens / run.dist.world_size / (time.perf_counter() - start))
+            if val_batches and state.global_step % s.validation.every_n_steps == 0:
+                values.update(validate(s.kd_ratio))
+            if logger and state.global_step % s.log_every_n_steps == 0:
+                logger.log_dict({"epoch": state.epoch, **values}, step=state.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_second']:.0f}")
+            if s.save_every_n_steps and state.global_step % s.save_every_n_steps == 0 \
+                    and state.step_in_epoch < steps.steps_per_epoch:  # the epoch's end saves anyway
+                last_checkpoint = save(step=state.global_step, recipe_state=state.state_dict())
+        last_checkpoint = save(epoch=state.epoch, recipe_state=state.state_dict())
+    bar.close()
+    if logger:
+        logger.close()
 
 
 if __name__ == "__main__":

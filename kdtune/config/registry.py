@@ -18,8 +18,6 @@ COMPONENTS: dict[str, str] = {
     "skew_forward_kl": "kdtune.losses.SkewForwardKLLoss",
     "skew_reverse_kl": "kdtune.losses.SkewReverseKLLoss",
     "tvd": "kdtune.losses.TVDLoss",
-    "cross_entropy": "kdtune.losses.CrossEntropyLoss",
-    "fused_kd": "kdtune.losses.FusedLinearKDLoss",
     # --- models and checkpointing (kdtune.models, kdtune.checkpointing) ---
     "qwen2_0_5b": "kdtune.models.qwen2_0_5b",
     "qwen2_1_5b": "kdtune.models.qwen2_1_5b",
@@ -40,7 +38,7 @@ COMPONENTS: dict[str, str] = {
     "prompts": "kdtune.datasets.prompt_dataset",
     "arithmetic": "kdtune.datasets.arithmetic_dataset",
     # --- training (kdtune.training) ---
-    "cosine_with_warmup": "kdtune.training.lr_schedules.get_cosine_schedule_with_warmup",
+    "cosine_with_warmup": "kdtune.training.schedules.get_cosine_schedule_with_warmup",
     "jsonl_logger": "kdtune.training.metric_logging.JsonlLogger",
     "stdout_logger": "kdtune.training.metric_logging.StdoutLogger",
     "tensorboard_logger": "kdtune.training.metric_logging.TensorBoardLogger",

@@ -10,16 +10,21 @@ from kdtune.losses.divergences import (
     SkewReverseKLLoss,
     TVDLoss,
 )
-from kdtune.losses.fused import FusedLinearKDLoss
+from kdtune.losses.fused import DEFAULT_CHUNK_SIZE, FusedLinearKDLoss
+from kdtune.losses.linear import FORMS, LinearCrossEntropyLoss, LinearKDLoss
 from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import TokenLoss, count_valid_tokens
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FORMS",
     "CrossEntropyLoss",
     "Divergence",
     "ForwardKLLoss",
     "FusedLinearKDLoss",
     "GeneralizedJSDLoss",
+    "LinearCrossEntropyLoss",
+    "LinearKDLoss",
     "ReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",

@@ -44,6 +44,16 @@ def _check_weight(name: str, value: float) -> float:
     return float(value)
 
 
+def _scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1 else logits / temperature
+
+
+def _check_temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise KDTuneError(f"loss temperature: expected a positive number, got {value!r}")
+    return float(value)
+
+
 class Divergence(TokenLoss):
     """D(p_teacher, q_student) averaged over valid tokens; see the module docstring for conventions.
 
@@ -54,23 +64,21 @@ class Divergence(TokenLoss):
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
                  vocab_size: int | None = None):
         super().__init__(ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size)
-        if not temperature > 0:
-            raise KDTuneError(f"loss temperature: expected a positive number, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = _check_temperature(temperature)
 
     def per_token(self, log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def token_values(self, student_logits: torch.Tensor, teacher, targets=None) -> torch.Tensor:
-        log_q = self._scale(student_logits).log_softmax(-1)
+    def token_values(self, student_logits: torch.Tensor, teacher, targets=None, *,
+                     temperature: float | None = None) -> torch.Tensor:
+        """Per-token divergences; ``temperature`` (default: the loss's own) divides both logits."""
+        t = self.temperature if temperature is None else _check_temperature(temperature)
+        log_q = _scale(student_logits, t).log_softmax(-1)
         if isinstance(teacher, TeacherTopK):
             log_q, log_p = teacher.bucket(log_q)
         else:
-            log_p = self._scale(upcast(teacher.detach()).to(log_q.dtype)).log_softmax(-1)
+            log_p = _scale(upcast(teacher.detach()).to(log_q.dtype), t).log_softmax(-1)
         return self.per_token(log_q, log_p)
-
-    def _scale(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits if self.temperature == 1 else logits / self.temperature
 
 
 class ForwardKLLoss(Divergence):

@@ -1,4 +1,4 @@
-"""Cross-entropy plus a divergence, fused with both models' output projections.
+"""Cross-entropy and a divergence, fused with both models' output projections.
 
 At a 150k vocabulary the ``[N, V]`` logits are the largest tensors of a distillation step. Here
 the logits of one chunk of tokens exist at a time: each chunk's loss is computed and differentiated
@@ -7,6 +7,7 @@ gradients for the student's hidden states and output weight, and the chunk is dr
 then only scales those stored gradients.
 """
 
+import math
 import warnings
 
 import torch
@@ -18,65 +19,89 @@ from kdtune.losses.divergences import Divergence
 from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import upcast
 
+# Tokens per chunk: a few float32 [chunk, V] tensors at a time (about 150 MB at V = 152k).
+DEFAULT_CHUNK_SIZE = 256
+
 
 class FusedLinearKDLoss(nn.Module):
-    """``(1 − kd_ratio)·CE + kd_ratio·divergence`` from hidden states and output weights.
+    """Cross-entropy and ``divergence`` from hidden states and output weights, a chunk at a time.
 
     ``forward(student_hidden [N, d_s], student_weight [V, d_s], teacher_hidden [N, d_t],
-    teacher_weight [V, d_t], labels [N], *, num_valid_tokens=None)`` → ``(loss, ce, kd)``, the last
-    two detached for logging (leading dims of hidden/labels are flattened). The teacher may be a
-    :class:`TeacherTopK` (then ``teacher_weight`` is None), and None when ``kd_ratio`` is 0. Teacher
-    inputs are constants; the student weight gets a gradient when it requires one.
+    teacher_weight [V, d_t], labels [N], *, kd_ratio, num_valid_tokens=None, temperature=None)``
+    → ``(ce, kd)``, both differentiable (leading dims of hidden/labels are flattened). The teacher
+    may be a :class:`TeacherTopK` (then ``teacher_weight`` is None), or None for cross-entropy
+    alone (``kd`` is then 0). Teacher inputs are constants; the student weight gets a gradient when
+    it requires one. Without a ``divergence`` this is cross-entropy alone.
 
-    ``ignore_index``, ``temperature``, ``vocab_size`` and ``reduction`` come from ``divergence``
-    (CE uses temperature 1). The normalizer is ``num_valid_tokens`` when given — pass the valid-token
-    count of the whole optimizer step (all micro-batches, all ranks) so that accumulated gradients
-    are exact — else the local count (``mean``) or 1 (``sum``). Peak memory grows with
-    ``chunk_size × V``: a few float32 ``[chunk_size, V]`` tensors.
+    The pass computes the gradient of ``(1 - kd_ratio) * ce + kd_ratio * kd`` as it goes, so the
+    loss you backpropagate must weigh ``ce`` and ``kd`` in that proportion: that sum, any multiple of
+    it, plus terms of your own. Another mix is an error in backward, never a wrong gradient; the
+    ``chunked`` and ``full`` forms (:class:`~kdtune.losses.LinearKDLoss`) take any mix.
+
+    ``ignore_index``, ``temperature`` (unless given per call), ``vocab_size`` and ``reduction``
+    come from ``divergence`` (CE uses temperature 1). The normalizer is ``num_valid_tokens`` when
+    given — pass the valid-token count of the whole optimizer step (all micro-batches, all ranks)
+    so that accumulated gradients are exact — else the local count (``mean``) or 1 (``sum``).
+    Peak memory grows with ``chunk_size × V``: a few float32 ``[chunk_size, V]`` tensors.
     """
 
-    def __init__(self, divergence: Divergence, kd_ratio: float = 0.5, chunk_size: int = 128):
+    def __init__(self, divergence: Divergence | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE):
         super().__init__()
-        if not 0 <= kd_ratio <= 1:
-            raise KDTuneError(f"loss kd_ratio: expected a value in [0, 1], got {kd_ratio!r}")
-        if chunk_size <= 0:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise KDTuneError(f"loss chunk_size: expected a positive integer, got {chunk_size!r}")
         self.divergence = divergence
-        self.cross_entropy = CrossEntropyLoss(ignore_index=divergence.ignore_index)
-        self.kd_ratio = float(kd_ratio)
+        self.ignore_index = divergence.ignore_index if divergence is not None else -100
+        self.cross_entropy = CrossEntropyLoss(ignore_index=self.ignore_index)
         self.chunk_size = chunk_size
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
-                num_valid_tokens: int | None = None):
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *, kd_ratio: float,
+                num_valid_tokens: int | None = None, temperature: float | None = None):
+        kd_ratio = check_kd_ratio(kd_ratio)
         labels = labels.reshape(-1)
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-        keep = (labels != self.divergence.ignore_index).nonzero().squeeze(1)
-        if teacher_hidden is None and self.kd_ratio > 0:
+        keep = (labels != self.ignore_index).nonzero().squeeze(1)
+        if teacher_hidden is not None and self.divergence is None:
+            raise ValueError("FusedLinearKDLoss: a teacher was given to a loss without a divergence")
+        if teacher_hidden is None and kd_ratio > 0:
             raise ValueError("FusedLinearKDLoss: a teacher is required when kd_ratio > 0")
         dense = teacher_hidden is not None and not isinstance(teacher_hidden, TeacherTopK)
-        vocab = self.divergence.common_vocab(student_weight.shape[0], teacher_weight.shape[0] if dense else None)
+        vocab = self._vocab(student_weight.shape[0], teacher_weight.shape[0] if dense else None)
         teacher = None
         if isinstance(teacher_hidden, TeacherTopK):
+            self.check_cache_temperature(temperature)
             teacher = teacher_hidden.flat().rows(keep)
         elif dense:
             rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, keep)
             teacher = (rows, teacher_weight.detach()[:vocab])
-        return _FusedKD.apply(hidden, student_weight[:vocab], keep, labels[keep], teacher, self,
-                              self._normalizer(keep.numel(), num_valid_tokens))
+        settings = (kd_ratio, temperature, self._normalizer(keep.numel(), num_valid_tokens), torch.is_grad_enabled())
+        return _FusedKD.apply(hidden, student_weight[:vocab], keep, labels[keep], teacher, self, settings)
+
+    def check_cache_temperature(self, temperature: float | None) -> None:
+        """A cached teacher's log-probabilities hold the temperature they were made at (the
+        divergence's, checked when the cache was opened); a per-call temperature cannot change it."""
+        if temperature is not None and temperature != self.divergence.temperature:
+            raise KDTuneError(f"kd_loss temperature: {temperature} differs from {self.divergence.temperature}, the "
+                              f"temperature of the teacher cache; a cache holds one temperature")
+
+    def _vocab(self, student_width: int, teacher_width: int | None) -> int:
+        if self.divergence is None:
+            return student_width
+        return self.divergence.common_vocab(student_width, teacher_width)
 
     def _normalizer(self, count: int, num_valid_tokens: int | None) -> float:
         if num_valid_tokens is not None:
             if num_valid_tokens <= 0:
                 raise ValueError(f"num_valid_tokens must be positive, got {num_valid_tokens}")
             return float(num_valid_tokens)
-        if self.divergence.reduction == "sum":
+        if self.divergence is not None and self.divergence.reduction == "sum":
             return 1.0
         if count == 0:
             warnings.warn("loss: no token has a valid label in this batch; the loss is 0", stacklevel=3)
             return 1.0
         return float(count)
 
-    def chunk_sums(self, logits: torch.Tensor, teacher, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunk_sums(self, logits: torch.Tensor, teacher, targets: torch.Tensor,
+                   temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed CE and divergence of one chunk of valid tokens, from float32 student logits."""
         ce = self.cross_entropy.token_values(logits, None, targets).sum()
         if teacher is None:
@@ -85,47 +110,70 @@ class FusedLinearKDLoss(nn.Module):
             rows, weight = teacher
             with torch.no_grad():
                 teacher = upcast(rows @ weight.T)
-        return ce, self.divergence.token_values(logits, teacher).sum()
+        return ce, self.divergence.token_values(logits, teacher, temperature=temperature).sum()
+
+
+def check_kd_ratio(kd_ratio) -> float:
+    if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)) or not 0 <= kd_ratio <= 1:
+        raise KDTuneError(f"kd_ratio: expected a number in [0, 1], got {kd_ratio!r}")
+    return float(kd_ratio)
 
 
 class _FusedKD(torch.autograd.Function):
-    """Loss and student gradients in one chunked pass; nothing ``[N, V]`` is kept for backward."""
+    """CE and KD with the student gradients of their mix in one chunked pass; nothing ``[N, V]`` is
+    kept for backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, keep, targets, teacher, loss: FusedLinearKDLoss, normalizer: float):
+    def forward(ctx, hidden, weight, keep, targets, teacher, loss: FusedLinearKDLoss, settings):
+        ratio, temperature, normalizer, grad_enabled = settings
         rows = hidden.index_select(0, keep)
-        grad_rows = torch.zeros_like(rows) if ctx.needs_input_grad[0] else None
+        grad_rows = torch.zeros_like(rows) if grad_enabled and ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=upcast(weight).dtype, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+            if grad_enabled and ctx.needs_input_grad[1] else None
         ce_total = kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        ratio = loss.kd_ratio
         for start in range(0, rows.shape[0], loss.chunk_size):
             part = slice(start, start + loss.chunk_size)
             chunk_teacher = _teacher_chunk(teacher, part)
             with torch.enable_grad():
-                logits = upcast(rows[part] @ weight.T).requires_grad_()
-                ce, kd = loss.chunk_sums(logits, chunk_teacher, targets[part])
-                (grad_logits,) = torch.autograd.grad(((1 - ratio) * ce + ratio * kd) / normalizer, logits)
+                logits = upcast(rows[part] @ weight.T)
+                if grad_rows is not None or grad_weight is not None:
+                    logits.requires_grad_()
+                ce, kd = loss.chunk_sums(logits, chunk_teacher, targets[part], temperature)
+                if logits.requires_grad:
+                    (grad_logits,) = torch.autograd.grad(((1 - ratio) * ce + ratio * kd) / normalizer, logits)
             ce_total, kd_total = ce_total + ce.detach(), kd_total + kd.detach()
             if grad_rows is not None:
                 torch.mm(grad_logits.to(weight.dtype), weight, out=grad_rows[part])
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.T, rows[part].to(grad_weight.dtype))
-        ce_total, kd_total = ce_total / normalizer, kd_total / normalizer
         if grad_rows is not None:
             ctx.grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
-        ctx.grad_weight, ctx.weight_dtype = grad_weight, weight.dtype
-        ctx.mark_non_differentiable(ce_total, kd_total)
-        return (1 - ratio) * ce_total + ratio * kd_total, ce_total, kd_total
+        ctx.grad_weight, ctx.weight_dtype, ctx.ratio = grad_weight, weight.dtype, ratio
+        return ce_total / normalizer, kd_total / normalizer
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+    def backward(ctx, grad_ce, grad_kd):
+        scale = _mix_scale(float(grad_ce), float(grad_kd), ctx.ratio)
         grad_hidden = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = ctx.grad_hidden * grad_loss
+            grad_hidden = ctx.grad_hidden * scale
         if ctx.needs_input_grad[1]:
-            grad_weight = ctx.grad_weight.to(ctx.weight_dtype).mul_(grad_loss)  # no float32 temporary
+            grad_weight = ctx.grad_weight.to(ctx.weight_dtype).mul_(scale)  # no float32 temporary
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _mix_scale(grad_ce: float, grad_kd: float, ratio: float) -> float:
+    """``s`` with ``(grad_ce, grad_kd) = s · (1 - ratio, ratio)``: how much of the mix the forward
+    pass differentiated reached the loss; a loss that weighs ce and kd otherwise is refused."""
+    scale = grad_ce + grad_kd
+    tolerance = 1e-5 * abs(scale) + 1e-30
+    if not (math.isclose(grad_ce, scale * (1 - ratio), abs_tol=tolerance)
+            and math.isclose(grad_kd, scale * ratio, abs_tol=tolerance)):
+        raise KDTuneError(
+            f"kd_loss: the fused loss was called with kd_ratio={ratio:g}, so the loss backpropagated must weigh "
+            f"ce and kd as (1 - kd_ratio) * ce + kd_ratio * kd (or a multiple of it), but it weighs them "
+            f"{grad_ce:g} and {grad_kd:g}; pass the kd_ratio you mix with, or use loss_form=chunked for other mixes")
+    return scale
 
 
 def _teacher_chunk(teacher, part: slice):

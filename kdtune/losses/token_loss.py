@@ -76,21 +76,23 @@ class TokenLoss(nn.Module):
             raise KDTuneError(f"loss vocab_size={self.vocab_size} exceeds the logits' width {min(widths)}")
         return self.vocab_size
 
-    def forward(self, student_logits, teacher, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_logits, teacher, labels: torch.Tensor, **options) -> torch.Tensor:
+        """``options`` go to ``token_values`` (a divergence's per-call ``temperature``)."""
         count = count_valid_tokens(labels, self.ignore_index)
         if not isinstance(student_logits, (list, tuple)):
-            return normalize(self._sum(student_logits, teacher, labels), count, self.reduction)
+            return normalize(self._sum(student_logits, teacher, labels, options), count, self.reduction)
         sizes = [chunk.shape[1] for chunk in student_logits]
         teachers = _split(teacher, sizes) if not isinstance(teacher, (list, tuple)) else teacher
         if len(teachers) != len(student_logits):
             raise ValueError(f"{len(student_logits)} student chunks but {len(teachers)} teacher chunks")
         total = sum(
-            _EagerChunk.apply(s, t, y, self) if s.requires_grad and torch.is_grad_enabled() else self._sum(s, t, y)
+            _EagerChunk.apply(s, t, y, self, options) if s.requires_grad and torch.is_grad_enabled()
+            else self._sum(s, t, y, options)
             for s, t, y in zip(student_logits, teachers, labels.split(sizes, dim=1))
         )
         return normalize(total, count, self.reduction)
 
-    def _sum(self, student_logits: torch.Tensor, teacher, labels: torch.Tensor) -> torch.Tensor:
+    def _sum(self, student_logits: torch.Tensor, teacher, labels: torch.Tensor, options: dict) -> torch.Tensor:
         """Sum of per-token values over the valid rows of one chunk (or of the full tensors)."""
         labels = labels.reshape(-1)
         keep = (labels != self.ignore_index).nonzero().squeeze(1)
@@ -101,23 +103,23 @@ class TokenLoss(nn.Module):
             teacher = teacher.detach().reshape(-1, teacher.shape[-1])[:, :vocab].index_select(0, keep)
         elif isinstance(teacher, TeacherTopK):
             teacher = teacher.flat().rows(keep)
-        return self.token_values(upcast(rows), teacher, labels[keep]).sum()
+        return self.token_values(upcast(rows), teacher, labels[keep], **options).sum()
 
 
 class _EagerChunk(torch.autograd.Function):
     """A chunk's summed loss whose gradient is computed in the forward pass and kept for backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, loss: TokenLoss):
+    def forward(ctx, student, teacher, labels, loss: TokenLoss, options: dict):
         with torch.enable_grad():
             leaf = student.detach().requires_grad_()
-            total = loss._sum(leaf, teacher, labels)
+            total = loss._sum(leaf, teacher, labels, options)
             (ctx.grad,) = torch.autograd.grad(total, leaf)
         return total.detach()
 
     @staticmethod
     def backward(ctx, grad_total):
-        return ctx.grad * grad_total, None, None, None
+        return ctx.grad * grad_total, None, None, None, None
 
 
 def _split(teacher, sizes: list[int]) -> list:

@@ -5,7 +5,6 @@ from kdtune.offline.dataset import (
     CachedTeacherDataset,
     collate_with_teacher_topk,
     join_teacher_cache,
-    teacher_cache_dir,
 )
 from kdtune.offline.index import DatasetSummary, check_matches, read_index, summarize_dataset
 from kdtune.offline.shards import decode_ids, encode_ids, id_bytes, store_logprobs
@@ -24,6 +23,5 @@ __all__ = [
     "read_index",
     "store_logprobs",
     "summarize_dataset",
-    "teacher_cache_dir",
     "teacher_topk",
 ]

@@ -17,15 +17,6 @@ from kdtune.offline.index import check_matches, read_index
 from kdtune.offline.shards import ShardReader
 
 
-def teacher_cache_dir(cfg) -> str | None:
-    """The config's ``teacher_logits_cache``, refused alongside a teacher model to load."""
-    cache = cfg.get("teacher_logits_cache")
-    if cache and cfg.get("teacher_checkpointer") is not None:
-        raise KDTuneError("teacher_logits_cache and teacher_checkpointer are both set: distill from the cache "
-                          "(remove teacher_checkpointer with ~teacher_checkpointer) or from the teacher model")
-    return cache
-
-
 class CachedTeacherDataset:
     """``dataset``'s samples plus ``teacher_logprobs`` ``[n, k]`` and ``teacher_ids`` ``[n, k]`` for
     their n trained positions, from the cache at ``folder`` (checked to match on construction)."""

@@ -1,9 +1,17 @@
-"""Shared training machinery the recipes compose: setup, models, objectives, the loop, metric
-loggers, schedules, RNG state and plots. Single-device and distributed recipes differ only where
-distribution differs."""
+"""The primitives a recipe's own training loop is built from — never a trainer that owns the loop:
 
-from kdtune.training.loop import Distribution, LoopSettings, StepLoss, TrainLoop
-from kdtune.training.lr_schedules import get_cosine_schedule_with_warmup
+- `RunContext` (run.py): device, dtype, seed, output folder and resume point;
+- `Distribution` (distribution.py) and `distributed.FSDPDistribution`: one device or FSDP2;
+- `TrainingState` (state.py): counters, registered stateful objects and RNG, for exact resume;
+- `StepBatches`, `validation_batches`, `to_device` (data.py): optimizer steps of micro-batches;
+- `step_tokens`, `StepMetrics`, `check_finite` (step_metrics.py): token counts and metrics per step;
+- `load_student`, `load_teacher`, `student_saver` (models.py) and `distillation_parts`;
+- schedules, metric loggers, the progress bar, RNG helpers and plots.
+"""
+
+from kdtune.training.data import StepBatches, build_validation, to_device, validation_batches
+from kdtune.training.distillation import DistillationParts, distillation_parts
+from kdtune.training.distribution import Distribution
 from kdtune.training.metric_logging import (
     JsonlLogger,
     MetricLogger,
@@ -11,30 +19,36 @@ from kdtune.training.metric_logging import (
     StdoutLogger,
     TensorBoardLogger,
     WandBLogger,
+    build_metric_logger,
+    progress_bar,
     read_metrics,
 )
 from kdtune.training.models import describe_trainable, is_lora, load_student, load_teacher, student_saver
-from kdtune.training.objectives import DistillationObjective, loss_options
 from kdtune.training.plot import plot_metrics
+from kdtune.training.precision import peak_memory_gb
 from kdtune.training.rng import get_rng_state, set_rng_state, set_seed
-from kdtune.training.setup import DistillationParts, RunContext, build_batches, build_loop, distillation_parts
+from kdtune.training.run import RunContext
+from kdtune.training.schedules import LinearSchedule, get_cosine_schedule_with_warmup
+from kdtune.training.state import TrainingState
+from kdtune.training.step_metrics import StepMetrics, check_finite, step_tokens
 
 __all__ = [
-    "DistillationObjective",
     "DistillationParts",
     "Distribution",
     "JsonlLogger",
-    "LoopSettings",
+    "LinearSchedule",
     "MetricLogger",
     "MultiLogger",
     "RunContext",
     "StdoutLogger",
-    "StepLoss",
+    "StepBatches",
+    "StepMetrics",
     "TensorBoardLogger",
-    "TrainLoop",
+    "TrainingState",
     "WandBLogger",
-    "build_batches",
-    "build_loop",
+    "build_metric_logger",
+    "build_validation",
+    "check_finite",
     "describe_trainable",
     "distillation_parts",
     "get_cosine_schedule_with_warmup",
@@ -42,10 +56,14 @@ __all__ = [
     "is_lora",
     "load_student",
     "load_teacher",
-    "loss_options",
+    "peak_memory_gb",
     "plot_metrics",
+    "progress_bar",
     "read_metrics",
     "set_rng_state",
     "set_seed",
+    "step_tokens",
     "student_saver",
+    "to_device",
+    "validation_batches",
 ]

@@ -1,12 +1,20 @@
-"""Batches in a reproducible order that a resumed run can pick up mid-epoch.
+"""Batches in a reproducible order that a resumed run picks up mid-epoch, grouped into optimizer steps.
 
 The order of epoch ``e`` is a permutation drawn from ``seed + e`` alone, so a run resumed at step
 ``k`` of an epoch skips exactly the samples the interrupted run had consumed and sees the same
 batches afterwards. Under data parallelism each rank takes every ``world_size``-th index.
 """
 
+from collections.abc import Iterator
+
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+from kdtune.datasets import IGNORE_INDEX
+from kdtune.errors import KDTuneError
+from kdtune.losses import TeacherTopK
+from kdtune.training.distribution import Distribution
+from kdtune.training.state import TrainingState
 
 
 class ResumableSampler(Sampler[int]):
@@ -41,7 +49,90 @@ class ResumableSampler(Sampler[int]):
         return max(self.epoch_length - self.start, 0)
 
 
-def build_dataloader(dataset, *, batch_size: int, shuffle: bool, seed: int, collate_fn,
-                     rank: int = 0, world_size: int = 1) -> DataLoader:
-    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=True)
+class StepBatches:
+    """The training data as optimizer steps: each step is ``gradient_accumulation_steps``
+    micro-batches of ``batch_size`` samples per process, in the resumable order above.
+
+    Refuses, before any weight is loaded, a dataset too small for one optimizer step.
+    """
+
+    def __init__(self, dataset, *, batch_size: int, collate_fn, seed: int, shuffle: bool = True,
+                 gradient_accumulation_steps: int = 1, max_steps_per_epoch: int | None = None,
+                 dist: Distribution | None = None):
+        dist = dist or Distribution()
+        per_step = batch_size * gradient_accumulation_steps * dist.world_size
+        if len(dataset) == 0:
+            raise KDTuneError("dataset: no samples")
+        if len(dataset) < per_step:
+            raise KDTuneError(f"dataset: {len(dataset)} samples are fewer than one optimizer step needs ({per_step}: "
+                              f"batch_size x gradient_accumulation_steps x processes)")
+        self.sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=dist.rank,
+                                        world_size=dist.world_size)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, collate_fn=collate_fn,
+                                 drop_last=True)
+        self.accumulation = gradient_accumulation_steps
+        whole = self.sampler.epoch_length // (batch_size * gradient_accumulation_steps)
+        self.steps_per_epoch = min(whole, max_steps_per_epoch) if max_steps_per_epoch else whole
+
+    def epoch(self, state: TrainingState) -> Iterator[list[dict]]:
+        """The rest of epoch ``state.epoch``, one optimizer step's micro-batches at a time.
+
+        ``state.step_in_epoch`` and ``state.global_step`` count each step as it is handed out (in
+        the loop body they number the step being taken); when the epoch is exhausted,
+        ``state.epoch`` counts it and ``step_in_epoch`` returns to 0.
+        """
+        self.sampler.set_position(state.epoch, state.step_in_epoch * self.accumulation * self.loader.batch_size)
+        batches = iter(self.loader)
+        while state.step_in_epoch < self.steps_per_epoch:
+            micro = [next(batches) for _ in range(self.accumulation)]
+            state.step_in_epoch += 1
+            state.global_step += 1
+            yield micro
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+
+
+def validation_batches(dataset, *, batch_size: int, collate_fn, max_batches: int | None = None,
+                       dist: Distribution | None = None) -> list[dict]:
+    """This process's share of the held-out data, in order: sample ``i`` goes to rank
+    ``i % world_size``, and every rank gets as many batches as the others (a rank short of samples
+    repeats its last one with every label ignored, which adds nothing), so the summed losses over
+    all ranks equal those of one process on the whole set. ``max_batches`` caps the batches per
+    process: the first ``max_batches * batch_size * world_size`` samples."""
+    dist = dist or Distribution()
+    if len(dataset) == 0:
+        raise KDTuneError("validation.dataset: no samples")
+    total = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size * dist.world_size)
+    mine = list(range(dist.rank, total, dist.world_size))
+    padding = -(-total // dist.world_size) - len(mine)
+    indices = mine + [mine[-1] if mine else 0] * padding
+    batches = []
+    for first in range(0, len(indices), batch_size):
+        batch = collate_fn([dataset[i] for i in indices[first: first + batch_size]])
+        for row in range(batch["labels"].shape[0]):
+            if first + row >= len(mine):  # a repeated sample: scored by no one
+                batch["labels"][row] = IGNORE_INDEX
+        batches.append(batch)
+    return batches
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors (and a cached teacher's top-k) on ``device``; other values as they are."""
+    moved = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device)
+        elif isinstance(value, TeacherTopK):
+            value = TeacherTopK(value.logprobs.to(device), value.ids.to(device))
+        moved[key] = value
+    return moved
+
+
+def build_validation(cfg, settings, tokenizer, collate_fn, dist: Distribution) -> list[dict] | None:
+    """The ``validation`` node's batches for this process (see `validation_batches`), or None."""
+    if settings.validation is None:
+        return None
+    from kdtune.config import instantiate
+
+    dataset = instantiate(cfg.validation.dataset, tokenizer=tokenizer)
+    return validation_batches(dataset, batch_size=settings.validation.batch_size or settings.batch_size,
+                              collate_fn=collate_fn, max_batches=settings.validation.max_batches, dist=dist)

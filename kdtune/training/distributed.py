@@ -31,7 +31,7 @@ from kdtune.checkpointing import HFCheckpointer, load_recipe_state
 from kdtune.errors import KDTuneError
 from kdtune.models import TransformerDecoder
 from kdtune.modules.lora import LoRALinear, lora_modules
-from kdtune.training.loop import Distribution
+from kdtune.training.distribution import Distribution
 from kdtune.training.models import student_saver
 from kdtune.training.rng import get_rng_state, set_rng_state
 
@@ -55,14 +55,15 @@ class FSDPDistribution(Distribution):
         self.mesh = init_device_mesh(device.type, (self.world_size,))
         return device
 
-    def all_reduce_sum(self, value: float) -> float:
-        t = torch.tensor(value, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item()
+    def all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        reduced = values.to(self.device, copy=True)
+        dist.all_reduce(reduced, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                     "min": dist.ReduceOp.MIN}[op])
+        return reduced.to(values.device)
 
-    def grad_scale(self) -> float:
+    def backward(self, loss: torch.Tensor) -> None:
         # FSDP averages gradients over ranks; each rank's loss is already a share of the global mean.
-        return float(self.world_size)
+        (loss * self.world_size).backward()
 
     def clip_grad_norm(self, params, max_norm: float) -> float:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -74,14 +75,8 @@ class FSDPDistribution(Distribution):
     def barrier(self) -> None:
         dist.barrier()
 
-    def optimizer_state_dict(self, model: nn.Module, optimizer) -> dict:
-        """This rank's shard; the saver writes it with ``torch.distributed.checkpoint``."""
-        return get_optimizer_state_dict(model, optimizer)
-
-    def load_optimizer_state_dict(self, model: nn.Module, optimizer, state: Path) -> None:
-        shards = get_optimizer_state_dict(model, optimizer)
-        dcp.load(shards, checkpoint_id=state)
-        set_optimizer_state_dict(model, optimizer, shards)
+    def optimizer_state(self, model: nn.Module, optimizer) -> "ShardedOptimizerState":
+        return ShardedOptimizerState(model, optimizer)
 
     def rng_state(self) -> list:
         states = [None] * self.world_size
@@ -99,6 +94,23 @@ class FSDPDistribution(Distribution):
                               f"and this one has {self.world_size}; resume it on as many, with the same recipe")
         state["optimizer"] = Path(folder) / OPTIMIZER_SUBDIR
         return state
+
+
+class ShardedOptimizerState:
+    """The optimizer of a sharded model as a stateful object: its state is this rank's shard, which
+    `sharded_saver` writes with ``torch.distributed.checkpoint``; loading reads the shards back
+    from the folder ``FSDPDistribution.load_recipe_state`` puts in its place."""
+
+    def __init__(self, model: nn.Module, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, folder: Path) -> None:
+        shards = get_optimizer_state_dict(self.model, self.optimizer)
+        dcp.load(shards, checkpoint_id=folder)
+        set_optimizer_state_dict(self.model, self.optimizer, shards)
 
 
 def shard(model: nn.Module, run_dist: FSDPDistribution, *, key: str) -> nn.Module:

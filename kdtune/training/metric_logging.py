@@ -168,3 +168,21 @@ class MultiLogger:
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+
+
+def build_metric_logger(node, output_dir, dist) -> MetricLogger | None:
+    """The config's ``metric_logger`` (none: ``metrics.jsonl`` in ``output_dir``) on the main
+    process; None on the others, which log nothing."""
+    if not dist.is_main:
+        return None
+    from kdtune.config import instantiate
+
+    return instantiate(node) if node is not None else JsonlLogger(output_dir)
+
+
+def progress_bar(total: int, initial: int, dist):
+    """A tqdm bar on the main process (hidden when stderr is not a terminal), none on the others."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=None if dist.is_main else True, dynamic_ncols=True,
+                desc="train")

@@ -5,7 +5,8 @@ Every step draws once from a generator seeded by the run's seed: with probabilit
 current student writes the completions of the step's prompts (on-policy); otherwise the teacher
 writes them when ``seq_kd`` is set (sequence-level KD), else the dataset's own replies are used
 (supervised KD). Only completion tokens are scored. Generated completions are scored by the
-divergence alone; the dataset's replies by ``(1 - kd_ratio) * CE + kd_ratio * divergence``.
+divergence alone (the recipe's loss mix uses kd_ratio 1 on them); the dataset's replies by
+``(1 - kd_ratio) * CE + kd_ratio * divergence``.
 """
 
 import time
@@ -16,21 +17,10 @@ from torch import nn
 from kdtune.datasets import collate, prompt_completion_sample
 from kdtune.errors import KDTuneError
 from kdtune.generation import generate
-from kdtune.training.objectives import DistillationObjective
-
-GENERATION_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p")
 
 
-def check_settings(*, lmbda: float, seq_kd: bool, generation: dict, dataset) -> None:
-    """Refuse settings that cannot work before any weight is loaded: ``lmbda`` outside [0, 1],
-    unknown or missing generation options, and a prompt-only dataset on steps that need its replies."""
-    if not 0 <= lmbda <= 1:
-        raise KDTuneError(f"lmbda: expected a probability in [0, 1], got {lmbda}")
-    unknown = sorted(set(generation) - set(GENERATION_KEYS))
-    if unknown:
-        raise KDTuneError(f"generation: unknown option '{unknown[0]}'; allowed: {', '.join(GENERATION_KEYS)}")
-    if "max_new_tokens" not in generation:
-        raise KDTuneError("generation.max_new_tokens: required (the longest completion a step trains on)")
+def check_replies(*, lmbda: float, seq_kd: bool, dataset) -> None:
+    """Refuse, before any weight loads, a prompt-only dataset when some steps train on its replies."""
     if lmbda < 1 and not seq_kd:
         missing = next((i for i in range(len(dataset)) if not dataset[i]["completion"]), None)
         if missing is not None:
@@ -60,8 +50,9 @@ def unpadded_prompts(batch: dict) -> list[list[int]]:
 
 
 class OnPolicyBatches:
-    """The loop's ``prepare_step``: picks the step's completion source, generates when it is a model,
-    and returns the training batches (marked ``generated``) with the step's generation metrics.
+    """Each step's training batches from its prompt batches: picks the step's completion source,
+    generates when it is a model, and returns the batches (marked ``generated``) with the step's
+    generation metrics. A stateful object: register it with the run's `TrainingState`.
 
     ``generation`` holds `generate`'s ``max_new_tokens``, ``temperature``, ``top_k`` and ``top_p``;
     the dataset's replies are cut to ``max_new_tokens`` too, so a step's memory does not depend on
@@ -118,15 +109,3 @@ class OnPolicyBatches:
         self.draws.set_state(state["draws"])
         self.sampling.set_state(state["sampling"])
         self.steps, self.on_policy_steps = state["steps"], state["on_policy_steps"]
-
-
-class GKDObjective:
-    """The divergence alone on generated completions; ``(1 - kd_ratio) * CE + kd_ratio * divergence``
-    on the dataset's own replies. Takes `DistillationObjective`'s arguments."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, divergence, *, kd_ratio: float, **kwargs):
-        self.on_generated = DistillationObjective(student, teacher, divergence, kd_ratio=1.0, **kwargs)
-        self.on_dataset = DistillationObjective(student, teacher, divergence, kd_ratio=kd_ratio, **kwargs)
-
-    def __call__(self, batch: dict, num_tokens: int):
-        return (self.on_generated if batch["generated"] else self.on_dataset)(batch, num_tokens)

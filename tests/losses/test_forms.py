@@ -55,12 +55,9 @@ def chunked_loss(div, kd_ratio, hidden, weight, t_hidden, t_weight, labels, size
 
 
 def fused_loss(div, kd_ratio, hidden, weight, t_hidden, t_weight, labels, chunk_size=5):
-    loss, ce, kd = FusedLinearKDLoss(div, kd_ratio=kd_ratio, chunk_size=chunk_size)(
-        hidden, weight, t_hidden, t_weight, labels
-    )
-    assert not ce.requires_grad and not kd.requires_grad
-    assert torch.allclose(loss.detach(), (1 - kd_ratio) * ce + kd_ratio * kd)
-    return loss
+    ce, kd = FusedLinearKDLoss(div, chunk_size=chunk_size)(hidden, weight, t_hidden, t_weight, labels,
+                                                          kd_ratio=kd_ratio)
+    return (1 - kd_ratio) * ce + kd_ratio * kd
 
 
 def value_and_grads(form, div, kd_ratio, trainable_weight, dtype=torch.float64):
@@ -109,7 +106,8 @@ def test_bf16_forms_agree():
 def test_fused_pure_cross_entropy_without_teacher():
     hidden, weight, _, _, labels = make_heads()
     hidden.requires_grad_()
-    loss, ce, kd = FusedLinearKDLoss(ForwardKLLoss(), kd_ratio=0.0, chunk_size=3)(hidden, weight, None, None, labels)
+    ce, kd = FusedLinearKDLoss(ForwardKLLoss(), chunk_size=3)(hidden, weight, None, None, labels, kd_ratio=0.0)
+    loss = ce
     expected = CrossEntropyLoss()(hidden @ weight.T, labels)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     assert kd.item() == 0.0 and ce.item() == pytest.approx(expected.item())
@@ -120,9 +118,14 @@ def test_fused_pure_cross_entropy_without_teacher():
 
 def test_fused_gradcheck():
     hidden, weight, t_hidden, t_weight, labels = make_heads()
-    fused = FusedLinearKDLoss(GeneralizedJSDLoss(beta=0.4, temperature=1.5), kd_ratio=0.7, chunk_size=6)
+    fused = FusedLinearKDLoss(GeneralizedJSDLoss(beta=0.4, temperature=1.5), chunk_size=6)
+
+    def mixed(h, w):
+        ce, kd = fused(h, w, t_hidden[:, :5], t_weight, labels[:, :5], kd_ratio=0.7)
+        return 0.3 * ce + 0.7 * kd
+
     inputs = (hidden[:, :5].clone().requires_grad_(), weight.clone().requires_grad_())
-    assert torch.autograd.gradcheck(lambda h, w: fused(h, w, t_hidden[:, :5], t_weight, labels[:, :5])[0], inputs)
+    assert torch.autograd.gradcheck(mixed, inputs)
 
 
 def test_gradient_accumulation_with_step_token_count():
@@ -130,14 +133,16 @@ def test_gradient_accumulation_with_step_token_count():
     div = SkewForwardKLLoss(alpha=0.1)
     hidden, weight, t_hidden, t_weight, labels = make_heads()
     weight.requires_grad_()
-    fused = FusedLinearKDLoss(div, kd_ratio=0.5, chunk_size=4)
-    fused(hidden, weight, t_hidden, t_weight, labels)[0].backward()
+    fused = FusedLinearKDLoss(div, chunk_size=4)
+    sum(fused(hidden, weight, t_hidden, t_weight, labels, kd_ratio=0.5)).mul(0.5).backward()
     expected = weight.grad.clone()
     weight.grad = None
     total = count_valid_tokens(labels)
     for i in range(B):
         part = slice(i, i + 1)
-        fused(hidden[part], weight, t_hidden[part], t_weight, labels[part], num_valid_tokens=total)[0].backward()
+        ce, kd = fused(hidden[part], weight, t_hidden[part], t_weight, labels[part], kd_ratio=0.5,
+                       num_valid_tokens=total)
+        (0.5 * ce + 0.5 * kd).backward()
     torch.testing.assert_close(weight.grad, expected, rtol=1e-12, atol=1e-12)
     # the same with the sum reduction of the full form, divided afterwards
     summed = full_loss(ForwardKLLoss(reduction="sum"), 1.0, hidden, weight, t_hidden, t_weight, labels)
@@ -146,7 +151,7 @@ def test_gradient_accumulation_with_step_token_count():
 
 def test_fused_sum_reduction():
     hidden, weight, t_hidden, t_weight, labels = make_heads()
-    loss = FusedLinearKDLoss(TVDLoss(reduction="sum"), kd_ratio=1.0)(hidden, weight, t_hidden, t_weight, labels)[0]
+    loss = FusedLinearKDLoss(TVDLoss(reduction="sum"))(hidden, weight, t_hidden, t_weight, labels, kd_ratio=1.0)[1]
     expected = TVDLoss(reduction="sum")(hidden @ weight.T, t_hidden @ t_weight.T, labels)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
 
@@ -168,7 +173,9 @@ def test_fused_no_valid_token():
     hidden.requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss = FusedLinearKDLoss(ForwardKLLoss())(hidden, weight, t_hidden, t_weight, torch.full_like(labels, -100))[0]
+        ce, kd = FusedLinearKDLoss(ForwardKLLoss())(hidden, weight, t_hidden, t_weight,
+                                                    torch.full_like(labels, -100), kd_ratio=0.5)
+        loss = 0.5 * ce + 0.5 * kd
     assert loss.item() == 0.0 and len(caught) == 1
     loss.backward()
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
@@ -179,5 +186,6 @@ def test_fused_teacher_is_constant():
     hidden.requires_grad_()
     t_hidden.requires_grad_()
     t_weight.requires_grad_()
-    FusedLinearKDLoss(ForwardKLLoss())(hidden, weight, t_hidden, t_weight, labels)[0].backward()
+    ce, kd = FusedLinearKDLoss(ForwardKLLoss())(hidden, weight, t_hidden, t_weight, labels, kd_ratio=0.5)
+    (0.5 * ce + 0.5 * kd).backward()
     assert t_hidden.grad is None and t_weight.grad is None and hidden.grad is not None

@@ -114,7 +114,8 @@ def test_fused_and_chunked_with_sparse_teacher(trainable_weight):
         return 0.5 * CrossEntropyLoss()(chunks, labels) + 0.5 * div(chunks, sparse, labels)
 
     def fused():
-        return FusedLinearKDLoss(div, kd_ratio=0.5, chunk_size=3)(hidden, weight, sparse, None, labels)[0]
+        ce, kd = FusedLinearKDLoss(div, chunk_size=3)(hidden, weight, sparse, None, labels, kd_ratio=0.5)
+        return 0.5 * ce + 0.5 * kd
 
     params = [hidden, weight] if trainable_weight else [hidden]
     expected = full()

@@ -173,7 +173,8 @@ def test_a_cache_for_other_data_tokenizer_or_settings_is_refused(world, teacher,
     with pytest.raises(KDTuneError, match="no teacher cache"):
         open_cache(world, tmp_path)
     monkeypatch.setenv("KDTUNE_DEBUG", "1")
-    both = distill_args(world, teacher, tmp_path / "both", top64, f"+teacher_checkpointer.checkpoint_dir={teacher}")
+    both = distill_args(world, teacher, tmp_path / "both", top64, "+teacher_checkpointer._component_=hf_checkpointer",
+                        f"+teacher_checkpointer.checkpoint_dir={teacher}")
     with pytest.raises(KDTuneError, match="teacher_logits_cache and teacher_checkpointer"):
         recipe("knowledge_distillation_single_device")(both)
     monkeypatch.delenv("KDTUNE_DEBUG")

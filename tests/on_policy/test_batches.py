@@ -1,5 +1,6 @@
 """The per-step batch source of on-policy distillation, in process: masking, routing of each step's
-completions (student, teacher or dataset), reproducible draws, and the loss each batch gets."""
+completions (student, teacher or dataset), reproducible draws, and the checks made before a weight
+loads."""
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ import kdtune
 from kdtune.datasets import IGNORE_INDEX, collate_prompts, prompt_dataset
 from kdtune.errors import KDTuneError
 from kdtune.generation import generate
-from kdtune.losses import GeneralizedJSDLoss
+from kdtune.config.settings import OnPolicySettings, read_settings
 from kdtune.training import on_policy
-from kdtune.training.on_policy import GKDObjective, OnPolicyBatches, check_settings, completion_batch
+from kdtune.training.on_policy import OnPolicyBatches, check_replies, completion_batch
 
 EOS, PAD = 2, 0
 GENERATION = {"max_new_tokens": 6, "temperature": 1.0, "top_k": None, "top_p": None}
@@ -106,32 +107,21 @@ def test_draws_are_reproducible_and_resume_from_the_state(parts, monkeypatch):
         assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(batches, batches2))
 
 
-def test_generated_batches_get_the_divergence_alone(parts):
-    tok, student, teacher, _ = parts
-    objective = GKDObjective(student, teacher, GeneralizedJSDLoss(beta=0.5, vocab_size=tok.vocab_size),
-                             kd_ratio=0.25)
-    batch = completion_batch([[5, 6, 7], [8, 9]], [[10, 11, EOS], [12, 13, 14]], stop_ids=tok.eos_ids,
-                             pad_id=tok.pad_id)
-    n = int((batch["labels"] != IGNORE_INDEX).sum())
-    generated, dataset = objective({**batch, "generated": True}, n), objective({**batch, "generated": False}, n)
-    kd, ce = generated.parts["kd_loss"], generated.parts["ce_loss"]
-    assert dataset.parts == pytest.approx(generated.parts)
-    assert generated.loss.item() == pytest.approx(kd, rel=1e-5)
-    assert dataset.loss.item() == pytest.approx(0.75 * ce + 0.25 * kd, rel=1e-5)
-
-
 def test_settings_that_cannot_work_are_refused(parts, tmp_path):
     tok = parts[0]
     prompts_only = tmp_path / "prompts.jsonl"
     prompts_only.write_text('{"prompt": "What is 1 + 2?"}\n{"prompt": "What is 3 + 4?"}\n')
     dataset = prompt_dataset(tok, data_files=str(prompts_only))
     with pytest.raises(KDTuneError, match="sample 0 has no reference reply"):
-        check_settings(lmbda=0.5, seq_kd=False, generation=GENERATION, dataset=dataset)
-    check_settings(lmbda=1.0, seq_kd=False, generation=GENERATION, dataset=dataset)
-    check_settings(lmbda=0.5, seq_kd=True, generation=GENERATION, dataset=dataset)
-    with pytest.raises(KDTuneError, match="lmbda"):
-        check_settings(lmbda=1.5, seq_kd=True, generation=GENERATION, dataset=dataset)
-    with pytest.raises(KDTuneError, match="generation: unknown option 'temprature'"):
-        check_settings(lmbda=1.0, seq_kd=False, generation={"temprature": 1.0}, dataset=dataset)
-    with pytest.raises(KDTuneError, match="generation.max_new_tokens"):
-        check_settings(lmbda=1.0, seq_kd=False, generation={"temperature": 1.0}, dataset=dataset)
+        check_replies(lmbda=0.5, seq_kd=False, dataset=dataset)
+    check_replies(lmbda=1.0, seq_kd=False, dataset=dataset)
+    check_replies(lmbda=0.5, seq_kd=True, dataset=dataset)
+    nodes = {k: {"_component_": "x"} for k in ("checkpointer", "tokenizer", "dataset", "optimizer", "lr_scheduler",
+                                                "kd_loss", "teacher_checkpointer")}
+    good = {"output_dir": "/tmp/x", "batch_size": 1, "epochs": 1, "generation": GENERATION, **nodes}
+    assert read_settings(good, OnPolicySettings).generation.max_new_tokens == 6
+    for change, message in (({"lmbda": 1.5}, r"lmbda: expected a number in \[0, 1\]"),
+                            ({"generation": {"temprature": 1.0}}, "generation.temprature: not a setting.*temperature"),
+                            ({"generation": {"temperature": 1.0}}, "generation.max_new_tokens: required")):
+        with pytest.raises(KDTuneError, match=message):
+            read_settings({**good, **change}, OnPolicySettings)

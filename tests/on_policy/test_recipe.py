@@ -61,8 +61,14 @@ def test_student_moves_towards_the_teacher_on_held_out_prompts(world, chats, tmp
 
 
 def test_resume_reproduces_the_uninterrupted_run(world, chats, tmp_path):
-    args = ("max_steps_per_epoch=6", "save_every_n_steps=3", "loss_form=chunked", *LORA)
+    args = ("max_steps_per_epoch=6", "save_every_n_steps=3", "loss_form=chunked", "kd_ratio=0.25", *LORA)
     whole = run_gkd(world, chats, tmp_path / "whole", *args)
+    # Generated completions are scored by the divergence alone, the dataset's replies by the kd_ratio mix.
+    generated = ["generated_length_mean" in m for m in whole]
+    assert any(generated) and not all(generated)
+    for m, gen in zip(whole, generated):
+        want = m["kd_loss"] if gen else 0.75 * m["ce_loss"] + 0.25 * m["kd_loss"]
+        assert m["loss"] == pytest.approx(want, rel=1e-5)
     cut = tmp_path / "cut"  # killed right after its step-3 checkpoint
     shutil.copytree(tmp_path / "whole", cut)
     shutil.rmtree(cut / "epoch_1")

@@ -1,4 +1,6 @@
-"""Learning-rate schedules, as ``LambdaLR`` so their state saves and resumes with the optimizer's."""
+"""Schedules: the learning rate's (as ``LambdaLR``, so its state saves and resumes with the
+optimizer's) and a linear one for any other value a recipe varies over training (kd_ratio,
+temperature), stateful so a resumed run continues it exactly."""
 
 import functools
 import math
@@ -38,3 +40,29 @@ def get_cosine_schedule_with_warmup(optimizer: Optimizer, num_warmup_steps: int,
     factor = functools.partial(cosine_with_warmup_factor, num_warmup_steps=num_warmup_steps,
                                num_training_steps=num_training_steps, num_cycles=num_cycles)
     return LambdaLR(optimizer, factor, last_epoch=last_epoch)
+
+
+class LinearSchedule:
+    """A value going linearly from ``start`` to ``end`` over ``num_steps`` calls of ``step()``, then
+    staying at ``end``. ``value`` is the current one. Register it with the run's `TrainingState`
+    so a resumed run picks it up where the checkpoint left it."""
+
+    def __init__(self, start: float, end: float, num_steps: int):
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise KDTuneError(f"LinearSchedule num_steps: expected a positive integer, got {num_steps!r}")
+        self.start, self.end, self.num_steps = float(start), float(end), num_steps
+        self.steps_taken = 0
+
+    @property
+    def value(self) -> float:
+        progress = min(self.steps_taken / self.num_steps, 1.0)
+        return self.start + (self.end - self.start) * progress
+
+    def step(self) -> None:
+        self.steps_taken += 1
+
+    def state_dict(self) -> dict:
+        return {"steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_taken = int(state["steps_taken"])

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from kdtune.config.instantiate import instantiate
 from kdtune.errors import KDTuneError
-from kdtune.training.lr_schedules import get_cosine_schedule_with_warmup
+from kdtune.training.schedules import get_cosine_schedule_with_warmup
 
 BASE_LR = 3e-4
 
@@ -82,3 +82,23 @@ def test_registry_short_name():
     sched = instantiate(node.lr_scheduler, opt, num_training_steps=10)
     assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
     assert opt.param_groups[0]["lr"] == 0.0
+
+
+def test_linear_schedule_values_and_resume():
+    from kdtune.training.schedules import LinearSchedule
+
+    schedule = LinearSchedule(0.0, 0.8, num_steps=4)
+    values = []
+    for _ in range(6):
+        values.append(schedule.value)
+        schedule.step()
+    assert values == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.8])
+    resumed = LinearSchedule(0.0, 0.8, num_steps=4)
+    resumed.load_state_dict(torch.load(io.BytesIO(_saved(schedule.state_dict())), weights_only=True))
+    assert resumed.value == schedule.value == pytest.approx(0.8)
+
+
+def _saved(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()

@@ -1,0 +1,258 @@
+"""What each recipe's settings accept: the top-level keys of its config (and of its ``generation`` and
+``validation`` nodes), with their types, ranges and defaults, checked before anything heavy happens.
+
+A recipe reads its settings with ``read_settings(cfg, DistillationSettings)`` and gets a frozen
+dataclass; ``kdtune validate`` runs the same checks for a built-in config's recipe (its first line
+names it). A key the recipe does not read is an error naming the nearest key it does, so a typo is
+never silently ignored. A copied recipe that reads a key of its own subclasses its settings class::
+
+    @dataclass(frozen=True, kw_only=True)
+    class MySettings(DistillationSettings):
+        kd_ratio_start: float = setting(0.0, number(0, 1), "kd_ratio at step 1, rising to kd_ratio")
+
+Component nodes (``optimizer``, ``dataset`` ...) are only checked to be nodes here; their arguments
+are checked when they are built (`instantiate`), the ``model`` and ``teacher`` options by the loaders.
+"""
+
+import difflib
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kdtune.errors import KDTuneError
+from kdtune.losses import DEFAULT_CHUNK_SIZE, FORMS
+
+Check = Callable[[str, Any], Any]
+DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+
+
+def setting(default: Any = MISSING, check: Check | None = None, help: str = ""):
+    """A settings field: its default (none: required), the check its value must pass, what it means."""
+    return field(default=default, metadata={"check": check, "help": help})
+
+
+def _got(value) -> str:
+    return f"{value!r}" if not isinstance(value, str) else f"'{value}'"
+
+
+def integer(minimum: int | None = None, *, optional: bool = False) -> Check:
+    what = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}")
+    what += " or null" if optional else ""
+
+    def check(key, value):
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            raise KDTuneError(f"{key}: expected {what}, got {_got(value)}")
+        return value
+
+    return check
+
+
+def number(minimum: float | None = None, maximum: float | None = None, *, above: bool = False,
+           optional: bool = False) -> Check:
+    """A real number in [minimum, maximum] (``above``: strictly above ``minimum``)."""
+    if minimum is not None and maximum is not None:
+        what = f"a number in {'(' if above else '['}{minimum:g}, {maximum:g}]"
+    elif minimum is not None:
+        what = f"a number {'>' if above else '>='} {minimum:g}"
+    else:
+        what = "a number"
+    what += " or null" if optional else ""
+
+    def check(key, value):
+        if value is None and optional:
+            return None
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value  # NaN
+        if not bad and minimum is not None:
+            bad = value <= minimum if above else value < minimum
+        if not bad and maximum is not None:
+            bad = value > maximum
+        if bad:
+            raise KDTuneError(f"{key}: expected {what}, got {_got(value)}")
+        return float(value)
+
+    return check
+
+
+def boolean() -> Check:
+    def check(key, value):
+        if not isinstance(value, bool):
+            raise KDTuneError(f"{key}: expected true or false, got {_got(value)}")
+        return value
+
+    return check
+
+
+def choice(*values, optional: bool = False) -> Check:
+    def check(key, value):
+        if value is None and optional:
+            return None
+        if value not in values:
+            listed = ", ".join(map(str, values)) + (", null" if optional else "")
+            raise KDTuneError(f"{key}: expected one of {listed}, got {_got(value)}")
+        return value
+
+    return check
+
+
+def text(*, optional: bool = False) -> Check:
+    def check(key, value):
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            raise KDTuneError(f"{key}: expected a non-empty string{' or null' if optional else ''}, got {_got(value)}")
+        return value
+
+    return check
+
+
+def node(*, component: bool = False, optional: bool = False) -> Check:
+    """A mapping (a component node has ``_component_``); checked further where it is built."""
+
+    def check(key, value):
+        if value is None and optional:
+            return None
+        if not isinstance(value, dict) or (component and "_component_" not in value):
+            what = "a node with a '_component_' key" if component else "a mapping of options"
+            raise KDTuneError(f"{key}: expected {what}{' or null' if optional else ''}, got {_got(value)}")
+        return value
+
+    return check
+
+
+def nested(cls, *, optional: bool = False) -> Check:
+    """A node whose keys are the fields of the settings class ``cls``."""
+
+    def check(key, value):
+        if value is None and optional:
+            return None
+        if not isinstance(value, dict):
+            raise KDTuneError(f"{key}: expected a mapping of {', '.join(f.name for f in fields(cls))}, "
+                              f"got {_got(value)}")
+        return _read(value, cls, f"{key}.")
+
+    return check
+
+
+def device() -> Check:
+    def check(key, value):
+        if value in (None, "auto", "cpu", "cuda", "mps") or (isinstance(value, str) and value.startswith("cuda:")):
+            return value
+        raise KDTuneError(f"{key}: expected auto, cpu, cuda or cuda:N, got {_got(value)}")
+
+    return check
+
+
+def _read(plain: dict, cls, prefix: str = ""):
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(plain) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+        raise KDTuneError(f"{prefix}{unknown[0]}: not a setting this recipe reads{hint}")
+    values = {}
+    for f in fields(cls):
+        key = prefix + f.name
+        if f.name in plain:
+            check = f.metadata.get("check")
+            values[f.name] = check(key, plain[f.name]) if check else plain[f.name]
+        elif f.default is MISSING:
+            raise KDTuneError(f"{key}: required ({f.metadata.get('help') or 'no default'})")
+    return cls(**values)
+
+
+def read_settings(cfg: DictConfig | dict, cls):
+    """``cfg``'s top-level settings as an instance of ``cls``, every value checked."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    except OmegaConfBaseException as e:
+        raise KDTuneError(f"config: {' '.join(str(e).split())}") from None
+    return _read(plain, cls)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSettings:
+    """How on-policy completions are sampled (not the loss temperature)."""
+
+    max_new_tokens: int = setting(check=integer(1), help="the longest completion a step trains on")
+    temperature: float = setting(1.0, number(0), "sampling temperature; 0 is greedy")
+    top_k: int | None = setting(None, integer(1, optional=True), "sample among the k likeliest tokens; null: all")
+    top_p: float | None = setting(1.0, number(0, 1, above=True, optional=True), "nucleus sampling mass")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationSettings:
+    """Held-out losses every ``every_n_steps`` optimizer steps, logged as ``val_*`` metrics."""
+
+    dataset: dict = setting(check=node(component=True), help="a dataset component, built with the run's tokenizer")
+    every_n_steps: int = setting(check=integer(1), help="validate after every this many optimizer steps")
+    max_batches: int | None = setting(None, integer(1, optional=True), "at most this many batches per process")
+    batch_size: int | None = setting(None, integer(1, optional=True), "per process; null: the training batch_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSettings:
+    """Every training recipe's settings; supervised fine-tuning (full or LoRA) reads exactly these."""
+
+    output_dir: str = setting(check=text(), help="where checkpoints, metrics.jsonl and config.yaml go")
+    checkpointer: dict = setting(check=node(component=True), help="the student's checkpoint (hf_checkpointer)")
+    tokenizer: dict = setting(check=node(component=True), help="the tokenizer component")
+    dataset: dict = setting(check=node(component=True), help="the training data component")
+    model: dict | None = setting(None, node(optional=True), "LoRA and activation-checkpointing options")
+    optimizer: dict = setting(check=node(component=True), help="an optimizer component (adamw, ...)")
+    lr_scheduler: dict = setting(check=node(component=True), help="a schedule component (cosine_with_warmup)")
+    metric_logger: dict | None = setting(None, node(component=True, optional=True), "null: metrics.jsonl")
+    validation: ValidationSettings | None = setting(None, nested(ValidationSettings, optional=True),
+                                                    "held-out losses during training; null: none")
+    seed: int | None = setting(None, integer(0, optional=True), "seeds data order, init and sampling; null: drawn")
+    shuffle: bool = setting(True, boolean(), "shuffle the training data each epoch")
+    batch_size: int = setting(check=integer(1), help="samples per micro-batch, per process")
+    gradient_accumulation_steps: int = setting(1, integer(1), "micro-batches per optimizer step")
+    epochs: int = setting(check=integer(1), help="passes over the training data")
+    max_steps_per_epoch: int | None = setting(None, integer(1, optional=True), "cut each epoch short; null: whole")
+    save_every_n_steps: int | None = setting(None, integer(1, optional=True), "checkpoint cadence; null: per epoch")
+    resume_from_checkpoint: bool = setting(False, boolean(), "continue from output_dir's newest checkpoint")
+    clip_grad_norm: float | None = setting(None, number(0, above=True, optional=True), "max gradient norm; null: off")
+    loss_form: str = setting("fused", choice(*FORMS), "fused never materializes the logits; chunked/full agree")
+    loss_chunk_size: int = setting(DEFAULT_CHUNK_SIZE, integer(1), "tokens per chunk of the fused loss")
+    device: str | None = setting(None, device(), "cpu, cuda, cuda:N or auto")
+    dtype: str = setting("fp32", choice(*DTYPES), "the weights' dtype (the loss math is float32)")
+    compile: bool = setting(False, boolean(), "torch.compile each decoder layer")
+    log_every_n_steps: int = setting(1, integer(1), "metrics cadence in optimizer steps")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillationSettings(TrainingSettings):
+    """Knowledge distillation: a frozen teacher (or its cached top-k) guides the student."""
+
+    teacher_checkpointer: dict | None = setting(None, node(component=True, optional=True),
+                                                "the teacher's checkpoint; null with teacher_logits_cache")
+    teacher: dict | None = setting(None, node(optional=True), "teacher options: dtype, quantize (nf4 | int8)")
+    teacher_logits_cache: str | None = setting(None, text(optional=True),
+                                               "a cache_teacher_logits folder in place of the teacher")
+    kd_ratio: float = setting(0.5, number(0, 1), "loss = (1 - kd_ratio) * CE + kd_ratio * KD")
+    kd_loss: dict = setting(check=node(component=True), help="the divergence (forward_kl, jsd, ...)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnPolicySettings(DistillationSettings):
+    """On-policy distillation (GKD): the student writes some of the completions it learns on."""
+
+    lmbda: float = setting(0.5, number(0, 1), "probability that a step's completions are the student's own")
+    seq_kd: bool = setting(False, boolean(), "off-policy steps train on teacher-written completions")
+    generation: GenerationSettings = setting(check=nested(GenerationSettings), help="how completions are sampled")
+    kd_ratio: float = setting(1.0, number(0, 1), "< 1 mixes CE in on the dataset's replies, never on generated ones")
+
+
+RECIPE_SETTINGS = {
+    "full_finetune_single_device": TrainingSettings,
+    "lora_finetune_single_device": TrainingSettings,
+    "lora_finetune_distributed": TrainingSettings,
+    "knowledge_distillation_single_device": DistillationSettings,
+    "knowledge_distillation_distributed": DistillationSettings,
+    "on_policy_distillation_single_device": OnPolicySettings,
+}

@@ -1,0 +1,39 @@
+"""What a distillation run sets up before any weight loads: the tokenizer, the student's checkpoint,
+the teacher's (their vocabularies must agree with the tokenizer) or a teacher cache in its place,
+and the divergence."""
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from kdtune.checkpointing import HFCheckpointer, check_vocab_compatible
+from kdtune.config import instantiate
+from kdtune.errors import KDTuneError
+from kdtune.losses import Divergence
+
+
+@dataclass
+class DistillationParts:
+    tokenizer: object
+    checkpointer: HFCheckpointer
+    teacher_checkpointer: HFCheckpointer | None  # None when distilling from a teacher cache
+    divergence: Divergence
+    teacher_cache: str | None = None  # teacher_logits_cache: the cached top-k stand in for the teacher
+
+
+def distillation_parts(cfg: DictConfig) -> DistillationParts:
+    """The parts of ``cfg``; with ``teacher_logits_cache`` there is no teacher checkpoint: the
+    cache's tokenizer is checked by fingerprint when it is opened."""
+    cache = cfg.get("teacher_logits_cache")
+    if cache and cfg.get("teacher_checkpointer") is not None:
+        raise KDTuneError("teacher_logits_cache and teacher_checkpointer are both set: distill from the cache "
+                          "(remove teacher_checkpointer with ~teacher_checkpointer) or from the teacher model")
+    if not cache and cfg.get("teacher_checkpointer") is None:
+        raise KDTuneError("teacher_checkpointer: required (the teacher's checkpoint), or teacher_logits_cache")
+    tokenizer = instantiate(cfg.tokenizer)
+    checkpointer = instantiate(cfg.checkpointer)
+    teacher_checkpointer = None if cache else instantiate(cfg.teacher_checkpointer)
+    vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir,
+                                        (teacher_checkpointer or checkpointer).checkpoint_dir, tokenizer.vocab_size)
+    return DistillationParts(tokenizer, checkpointer, teacher_checkpointer,
+                             instantiate(cfg.kd_loss, vocab_size=vocab_size), cache or None)

@@ -1,0 +1,58 @@
+"""Where a training run is, and everything a resume restores.
+
+A recipe registers each object that changes as it trains — the optimizer, the learning-rate
+schedule, and anything of its own (a kd_ratio schedule, a learned projection, the on-policy
+sampler) — saves ``state.state_dict()`` with every checkpoint, and on resume calls
+``state.load(folder)`` once everything is built. The run then continues exactly where the
+checkpoint was taken: the same epoch and step, the data order from the next sample on (see
+`StepBatches`), the same random draws, and every registered object as it was.
+"""
+
+from typing import Protocol
+
+from kdtune.errors import KDTuneError
+from kdtune.training.distribution import Distribution
+
+_COUNTERS = ("epoch", "step_in_epoch", "global_step")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state) -> None: ...
+
+
+class TrainingState:
+    """``epoch`` (epochs finished), ``step_in_epoch`` and ``global_step`` (optimizer steps taken),
+    the registered stateful objects, and the random-number generators of every rank."""
+
+    def __init__(self, dist: Distribution | None = None):
+        self.dist = dist or Distribution()
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self._objects: dict[str, Stateful] = {}
+
+    def register(self, name: str, obj: Stateful) -> None:
+        """Save ``obj.state_dict()`` under ``name`` with every checkpoint and restore it on resume.
+        Its state must be tensors and plain Python values (checkpoints load with weights_only)."""
+        if name in (*_COUNTERS, "rng") or name in self._objects:
+            raise ValueError(f"TrainingState: '{name}' is taken")
+        self._objects[name] = obj
+
+    def state_dict(self) -> dict:
+        state = {key: getattr(self, key) for key in _COUNTERS}
+        state.update({name: obj.state_dict() for name, obj in self._objects.items()})
+        state["rng"] = self.dist.rng_state()
+        return state
+
+    def load(self, folder) -> None:
+        """Restore everything from the checkpoint ``folder`` (a step or epoch folder of this run)."""
+        state = self.dist.load_recipe_state(folder)
+        missing = [name for name in self._objects if name not in state]
+        if missing:
+            raise KDTuneError(f"resume_from_checkpoint: '{folder}' holds no state for '{missing[0]}', which this "
+                              f"recipe trains; it was saved by another recipe or an earlier version of this one")
+        for key in _COUNTERS:
+            setattr(self, key, int(state[key]))
+        for name, obj in self._objects.items():
+            obj.load_state_dict(state[name])
+        self.dist.set_rng_state(state["rng"])  # last: nothing above may draw from the restored generators
