@@ -60,9 +60,8 @@ def _cached_batches(batch: dict, folder: str, k: int = 64):
 def measure(form: str, tokens: int, steps: int, dtype_name: str) -> dict:
     import torch
 
-    from kdtune.losses import ForwardKLLoss
+    from kdtune.losses import ForwardKLLoss, LinearKDLoss
     from kdtune.models import TransformerDecoder
-    from kdtune.training import DistillationObjective
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -73,15 +72,23 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str) -> dict:
     batch = {"tokens": torch.randint(0, VOCAB, (tokens // seq, seq))}
     batch["labels"] = torch.roll(batch["tokens"], -1, dims=1)
     batch["labels"][:, -1] = -100
-    objective = DistillationObjective(student, teacher, ForwardKLLoss(), kd_ratio=0.5,
-                                      form="fused" if cached else form, chunk_size=256)
+    kd_loss = LinearKDLoss(ForwardKLLoss(), form="fused" if cached else form, chunk_size=256)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     n = int((batch["labels"] != -100).sum())
     folder = tempfile.TemporaryDirectory()  # removed when the measurement ends
     next_batch = _cached_batches(batch, folder.name) if cached else lambda: batch
 
-    def step():
-        objective(next_batch(), n).loss.backward()
+    def step():  # the KD recipe's step, one micro-batch
+        b = next_batch()
+        hidden = student(b["tokens"], return_hidden=True)
+        if teacher is None:
+            teacher_out, teacher_weight = b["teacher_topk"], None
+        else:
+            with torch.no_grad():
+                teacher_out, teacher_weight = teacher(b["tokens"], return_hidden=True), teacher.output_weight
+        ce, kd = kd_loss(hidden, student.output_weight, teacher_out, teacher_weight, b["labels"], kd_ratio=0.5,
+                         num_tokens=n)
+        (0.5 * ce + 0.5 * kd).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -68,9 +68,16 @@ def cmd_cat(args) -> None:
 
 def cmd_validate(args) -> None:
     from kdtune.config import load_config, validate
+    from kdtune.config.builtins import config_recipe, find_config
+    from kdtune.config.settings import RECIPE_SETTINGS, read_settings
 
-    n = validate(load_config(args.config, args.overrides))
-    print(f"Config '{args.config}' is well-formed: {n} components resolve and their arguments bind.")
+    cfg = load_config(args.config, args.overrides)
+    recipe = config_recipe(find_config(args.config))  # the recipe named on the config's first line
+    if recipe in RECIPE_SETTINGS:
+        read_settings(cfg, RECIPE_SETTINGS[recipe])  # the checks the recipe makes before loading anything
+    n = validate(cfg)
+    settings = f"its settings are what {recipe} accepts; " if recipe in RECIPE_SETTINGS else ""
+    print(f"Config '{args.config}' is well-formed: {settings}{n} components resolve and their arguments bind.")
 
 
 def cmd_download(args) -> None:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from kdtune.errors import KDTuneError
-from kdtune.training.plot import plot_metrics
+from kdtune.training.plot import metric_series, plot_metrics
 
 pytest.importorskip("matplotlib", reason="plot_metrics needs matplotlib (the 'plot' extra)")
 
@@ -41,6 +41,16 @@ def test_writes_png_from_metrics(tmp_path):
     assert out == tmp_path / "loss_curves.png"
     (width, height), size = png_size(out)
     assert (width, height) == (800, 600) and size > 20_000
+
+
+def test_validation_losses_are_drawn(tmp_path):
+    records = list(kd_run(40))[:20]
+    for r in records[4::5]:
+        r.update(val_loss=r["loss"] + 0.1, val_ce_loss=r["ce_loss"] + 0.1, val_kd_loss=r["kd_loss"], val_kl=r["kd_loss"])
+    write_metrics(tmp_path / "metrics.jsonl", records)
+    series = metric_series(tmp_path / "metrics.jsonl")
+    assert [s for s, _ in series["val_loss"]] == [5, 10, 15, 20] and len(series["loss"]) == 20
+    assert png_size(plot_metrics(tmp_path))[1] > 20_000
 
 
 def test_custom_path_and_sft_metrics(tmp_path):
