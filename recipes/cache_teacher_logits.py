@@ -10,34 +10,36 @@ An interrupted run resumes when rerun with the same config. Copy this file (`kdt
 import kdtune.config
 from kdtune import offline, training
 from kdtune.config import instantiate
+from kdtune.config.settings import CacheSettings, read_settings
 from kdtune.training.precision import resolve_device, resolve_dtype
 
 
 @kdtune.config.parse
 def main(cfg):
     # 1. Everything that can be checked before a weight is loaded.
-    device, dtype = resolve_device(cfg.get("device")), resolve_dtype(cfg.get("dtype", "bf16"))
+    s = read_settings(cfg, CacheSettings)
+    device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
     tokenizer = instantiate(cfg.tokenizer)
     teacher_checkpointer = instantiate(cfg.teacher_checkpointer)
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
-    teacher_node = cfg.get("teacher") or {}
+    teacher_node = s.teacher or {}
     writer = offline.CacheWriter(
-        cfg.output_dir, dataset, tokenizer, top_k=cfg.get("top_k", 64), temperature=cfg.get("temperature", 1.0),
-        logprob_dtype=cfg.get("logprob_dtype", "fp16"), samples_per_shard=cfg.get("samples_per_shard", 1024),
+        s.output_dir, dataset, tokenizer, top_k=s.top_k, temperature=s.temperature, logprob_dtype=s.logprob_dtype,
+        samples_per_shard=s.samples_per_shard,
         teacher={"checkpoint_dir": str(teacher_checkpointer.checkpoint_dir), "quantize": teacher_node.get("quantize"),
-                 "dtype": teacher_node.get("dtype", cfg.get("dtype", "bf16"))},
+                 "dtype": teacher_node.get("dtype", s.dtype)},
     )
     if writer.complete:
-        print(f"{cfg.output_dir} already holds this cache, complete; nothing to do")
+        print(f"{s.output_dir} already holds this cache, complete; nothing to do")
         return
 
     # 2. The frozen teacher, in its configured dtype or quantized.
     teacher = training.load_teacher(teacher_checkpointer, cfg.get("teacher"), device=device, dtype=dtype)
 
     # 3. One pass over the dataset, shard by shard.
-    writer.write(teacher, batch_size=cfg.batch_size, pad_id=tokenizer.pad_id, device=device)
+    writer.write(teacher, batch_size=s.batch_size, pad_id=tokenizer.pad_id, device=device)
     print(f"Wrote the teacher's top-{writer.index['top_k']} log-probabilities of {writer.index['num_rows']} "
-          f"tokens to {cfg.output_dir}")
+          f"tokens to {s.output_dir}")
 
 
 if __name__ == "__main__":

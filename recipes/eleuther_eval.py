@@ -8,8 +8,6 @@ Prints lm-eval's results table and writes ``${output_dir}/results.json``. Copy t
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 import kdtune.config
 from kdtune.errors import KDTuneError
 
@@ -22,42 +20,44 @@ except ImportError as e:  # lm-eval is an optional extra
     raise KDTuneError(f"eleuther_eval needs lm-eval ({e}): pip install 'kdtune[eval]'") from None
 from kdtune.checkpointing import load_model, load_peft_adapter
 from kdtune.config import instantiate
+from kdtune.config.settings import EvalSettings, read_settings
 from kdtune.training.precision import resolve_device, resolve_dtype
 from kdtune.training.rng import set_seed
 
 
 @kdtune.config.parse
 def main(cfg):
-    device, dtype = resolve_device(cfg.get("device")), resolve_dtype(cfg.get("dtype", "fp32"))
-    seed = set_seed(cfg.get("seed", 0))
+    s = read_settings(cfg, EvalSettings)
+    device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
+    seed = set_seed(s.seed)
     tasks = kd_eval.task_list(cfg.tasks)
-    task_manager = kd_eval.task_manager(cfg.get("include_path"), include_defaults=cfg.get("include_default_tasks", True))
+    task_manager = kd_eval.task_manager(s.include_path, include_defaults=s.include_default_tasks)
     kd_eval.check_tasks(task_manager, tasks)
 
     tokenizer = instantiate(cfg.tokenizer)
-    model = load_model(cfg.checkpoint_dir, dtype=dtype, device=device)
-    if cfg.get("adapter_dir"):
-        load_peft_adapter(model, cfg.adapter_dir)
-    lm = kd_eval.KDTuneLM(model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.get("max_seq_len"),
-                          max_gen_toks=cfg.get("max_new_tokens", 256), seed=seed)
+    model = load_model(s.checkpoint_dir, dtype=dtype, device=device)
+    if s.adapter_dir:
+        load_peft_adapter(model, s.adapter_dir)
+    lm = kd_eval.KDTuneLM(model, tokenizer, batch_size=s.batch_size, max_length=s.max_seq_len,
+                          max_gen_toks=s.max_new_tokens, seed=seed)
 
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
         task_manager=task_manager,
-        num_fewshot=cfg.get("num_fewshot"),
-        limit=cfg.get("limit"),
-        gen_kwargs=OmegaConf.to_container(cfg.gen_kwargs) if cfg.get("gen_kwargs") else None,
-        apply_chat_template=cfg.get("apply_chat_template", False),
-        fewshot_as_multiturn=cfg.get("fewshot_as_multiturn", False),
-        log_samples=cfg.get("log_samples", False),
-        bootstrap_iters=cfg.get("bootstrap_iters", 100000),
+        num_fewshot=s.num_fewshot,
+        limit=int(s.limit) if s.limit is not None and s.limit >= 1 else s.limit,
+        gen_kwargs=s.gen_kwargs,
+        apply_chat_template=s.apply_chat_template,
+        fewshot_as_multiturn=s.fewshot_as_multiturn,
+        log_samples=s.log_samples,
+        bootstrap_iters=s.bootstrap_iters,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
     )
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
-    path = kd_eval.save_results(results, Path(cfg.output_dir) / "results.json", log_samples=cfg.get("log_samples", False))
+    path = kd_eval.save_results(results, Path(s.output_dir) / "results.json", log_samples=s.log_samples)
     print(f"results: {path}")
 
 

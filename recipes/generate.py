@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 import kdtune.config
 from kdtune.checkpointing import load_model, load_peft_adapter
 from kdtune.config import instantiate
+from kdtune.config.settings import GenerateSettings, read_settings
 from kdtune.datasets.messages import chat_messages
 from kdtune.datasets.rows import load_rows
 from kdtune.errors import KDTuneError
@@ -50,15 +50,14 @@ def _file_chats(path) -> list[list[dict]]:
     return chats
 
 
-def read_prompts(cfg, tokenizer) -> tuple[list, list[list[int]]]:
+def read_prompts(s: GenerateSettings, tokenizer) -> tuple[list, list[list[int]]]:
     """(the prompts as the config gives them, their token ids)."""
-    given = [key for key in ("prompt", "messages", "messages_file") if cfg.get(key) is not None]
+    given = [key for key in ("prompt", "messages", "messages_file") if getattr(s, key) is not None]
     if len(given) != 1:
         raise KDTuneError("prompt, messages, messages_file: set exactly one of them (the others to null)")
-    prompt = OmegaConf.to_container(cfg.prompt) if OmegaConf.is_config(cfg.get("prompt")) else cfg.get("prompt")
-    messages = OmegaConf.to_container(cfg.messages) if OmegaConf.is_config(cfg.get("messages")) else cfg.get("messages")
+    prompt, messages = s.prompt, s.messages
     if given == ["messages_file"]:
-        messages = _file_chats(cfg.messages_file)
+        messages = _file_chats(s.messages_file)
     if prompt is not None:
         texts = _as_list(prompt, lambda v: isinstance(v, str))
         if not texts or not all(isinstance(t, str) and t for t in texts):
@@ -85,33 +84,34 @@ def save_json(records: list[dict], path: Path) -> None:
 
 @kdtune.config.parse
 def main(cfg):
-    device, dtype = resolve_device(cfg.get("device")), resolve_dtype(cfg.get("dtype", "fp32"))
-    seed = set_seed(cfg.get("seed", 0))
+    s = read_settings(cfg, GenerateSettings)
+    device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
+    seed = set_seed(s.seed)
     tokenizer = instantiate(cfg.tokenizer)
-    sources, prompts = read_prompts(cfg, tokenizer)
+    sources, prompts = read_prompts(s, tokenizer)
 
-    model = load_model(cfg.checkpoint_dir, dtype=dtype, device=device)
-    if cfg.get("adapter_dir"):
-        load_peft_adapter(model, cfg.adapter_dir)
+    model = load_model(s.checkpoint_dir, dtype=dtype, device=device)
+    if s.adapter_dir:
+        load_peft_adapter(model, s.adapter_dir)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise KDTuneError(
             f"tokenizer: {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
-            f"{model.args.vocab_size} ({cfg.checkpoint_dir}/config.json)"
+            f"{model.args.vocab_size} ({s.checkpoint_dir}/config.json)"
         )
 
     start, records, generated = time.perf_counter(), [], 0
     generator = torch.Generator(device=device).manual_seed(seed)
-    batch_size = cfg.get("batch_size") or len(prompts)
+    batch_size = s.batch_size or len(prompts)
     for first in range(0, len(prompts), batch_size):
         output = generate(
             model,
             prompts[first: first + batch_size],
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=s.max_new_tokens,
             stop_ids=tokenizer.eos_ids,
             pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0],
-            temperature=cfg.get("temperature", 0.0),
-            top_k=cfg.get("top_k"),
-            top_p=cfg.get("top_p"),
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
             vocab_size=tokenizer.vocab_size,
             generator=generator,
         )
@@ -126,11 +126,11 @@ def main(cfg):
     if len(records) > MAX_PRINTED:
         print(f"--- ({len(records) - MAX_PRINTED} more completions in the output files) ---")
     print(f"--- {generated} tokens in {seconds:.2f} s ({generated / seconds:.1f} tokens/s) ---")
-    path = Path(cfg.output_dir) / "generations.json"
+    path = Path(s.output_dir) / "generations.json"
     save_json(records, path)
     print(f"generations: {path}")
-    if cfg.get("messages_file"):
-        chats = Path(cfg.output_dir) / "generations.jsonl"
+    if s.messages_file:
+        chats = Path(s.output_dir) / "generations.jsonl"
         lines = [json.dumps({"messages": [*r["prompt"], {"role": "assistant", "content": r["completion"]}]},
                             ensure_ascii=False) for r in records]
         chats.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -37,6 +37,11 @@ def _got(value) -> str:
     return f"{value!r}" if not isinstance(value, str) else f"'{value}'"
 
 
+def _described(check: Check, what: str) -> Check:
+    check.what = what  # how the configs' comments name the type
+    return check
+
+
 def integer(minimum: int | None = None, *, optional: bool = False) -> Check:
     what = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
         minimum, f"an integer >= {minimum}")
@@ -49,7 +54,7 @@ def integer(minimum: int | None = None, *, optional: bool = False) -> Check:
             raise KDTuneError(f"{key}: expected {what}, got {_got(value)}")
         return value
 
-    return check
+    return _described(check, what)
 
 
 def number(minimum: float | None = None, maximum: float | None = None, *, above: bool = False,
@@ -75,7 +80,7 @@ def number(minimum: float | None = None, maximum: float | None = None, *, above:
             raise KDTuneError(f"{key}: expected {what}, got {_got(value)}")
         return float(value)
 
-    return check
+    return _described(check, what)
 
 
 def boolean() -> Check:
@@ -84,7 +89,7 @@ def boolean() -> Check:
             raise KDTuneError(f"{key}: expected true or false, got {_got(value)}")
         return value
 
-    return check
+    return _described(check, "true or false")
 
 
 def choice(*values, optional: bool = False) -> Check:
@@ -96,7 +101,7 @@ def choice(*values, optional: bool = False) -> Check:
             raise KDTuneError(f"{key}: expected one of {listed}, got {_got(value)}")
         return value
 
-    return check
+    return _described(check, "one of " + ", ".join(map(str, values)) + (", null" if optional else ""))
 
 
 def text(*, optional: bool = False) -> Check:
@@ -107,7 +112,7 @@ def text(*, optional: bool = False) -> Check:
             raise KDTuneError(f"{key}: expected a non-empty string{' or null' if optional else ''}, got {_got(value)}")
         return value
 
-    return check
+    return _described(check, "a string" + (" or null" if optional else ""))
 
 
 def node(*, component: bool = False, optional: bool = False) -> Check:
@@ -121,7 +126,7 @@ def node(*, component: bool = False, optional: bool = False) -> Check:
             raise KDTuneError(f"{key}: expected {what}{' or null' if optional else ''}, got {_got(value)}")
         return value
 
-    return check
+    return _described(check, ("a component node" if component else "a mapping") + (" or null" if optional else ""))
 
 
 def nested(cls, *, optional: bool = False) -> Check:
@@ -135,7 +140,7 @@ def nested(cls, *, optional: bool = False) -> Check:
                               f"got {_got(value)}")
         return _read(value, cls, f"{key}.")
 
-    return check
+    return _described(check, "a mapping" + (" or null" if optional else ""))
 
 
 def device() -> Check:
@@ -144,7 +149,7 @@ def device() -> Check:
             return value
         raise KDTuneError(f"{key}: expected auto, cpu, cuda or cuda:N, got {_got(value)}")
 
-    return check
+    return _described(check, "auto, cpu, cuda, cuda:N or null")
 
 
 def _read(plain: dict, cls, prefix: str = ""):
@@ -248,6 +253,72 @@ class OnPolicySettings(DistillationSettings):
     kd_ratio: float = setting(1.0, number(0, 1), "< 1 mixes CE in on the dataset's replies, never on generated ones")
 
 
+@dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    """Caching the teacher's top-k log-probabilities over a dataset (cache_teacher_logits)."""
+
+    output_dir: str = setting(check=text(), help="the cache folder (index.json and safetensors shards)")
+    teacher_checkpointer: dict = setting(check=node(component=True), help="the teacher's checkpoint")
+    teacher: dict | None = setting(None, node(optional=True), "teacher options: dtype, quantize (nf4 | int8)")
+    tokenizer: dict = setting(check=node(component=True), help="the distillation run's tokenizer (the student's)")
+    dataset: dict = setting(check=node(component=True), help="the distillation run's dataset, tokenized alike")
+    top_k: int = setting(64, integer(1), "log-probabilities kept per token")
+    temperature: float = setting(1.0, number(0, above=True), "must equal the distillation's kd_loss.temperature")
+    logprob_dtype: str = setting("fp16", choice("fp16", "fp32"), "fp16: 2 bytes a value, rounded down; fp32: exact")
+    samples_per_shard: int = setting(1024, integer(1), "samples per safetensors shard")
+    batch_size: int = setting(check=integer(1), help="samples per teacher forward")
+    device: str | None = setting(None, device(), "cpu, cuda, cuda:N or auto")
+    dtype: str = setting("bf16", choice(*DTYPES), "the teacher's dtype unless teacher.dtype says otherwise")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateSettings:
+    """Sampling completions from a checkpoint (generate)."""
+
+    output_dir: str = setting(check=text(), help="where generations.json (and .jsonl) go")
+    checkpoint_dir: str = setting(check=text(), help="the model's HF checkpoint folder")
+    adapter_dir: str | None = setting(None, text(optional=True), "a PEFT adapter to apply on checkpoint_dir")
+    tokenizer: dict = setting(check=node(component=True), help="the tokenizer component")
+    prompt: Any = setting(None, help="a string or a list of them, tokenized as plain text")
+    messages: Any = setting(None, help="a chat or a list of chats, rendered by the chat template")
+    messages_file: str | None = setting(None, text(optional=True), "a JSON/JSONL file of {messages: [...]} rows")
+    batch_size: int | None = setting(None, integer(1, optional=True), "prompts per generation batch; null: all")
+    max_new_tokens: int = setting(check=integer(1), help="the longest completion")
+    temperature: float = setting(0.0, number(0), "0 is greedy")
+    top_k: int | None = setting(None, integer(1, optional=True), "sample among the k likeliest tokens; null: all")
+    top_p: float | None = setting(None, number(0, 1, above=True, optional=True), "nucleus sampling mass")
+    seed: int | None = setting(0, integer(0, optional=True), "seeds sampling; null: drawn")
+    device: str | None = setting(None, device(), "cpu, cuda, cuda:N or auto")
+    dtype: str = setting("fp32", choice(*DTYPES), "the weights' dtype")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    """Evaluating a checkpoint with lm-eval (eleuther_eval)."""
+
+    output_dir: str = setting(check=text(), help="where results.json goes")
+    checkpoint_dir: str = setting(check=text(), help="the model's HF checkpoint folder")
+    adapter_dir: str | None = setting(None, text(optional=True), "a PEFT adapter to apply on checkpoint_dir")
+    tokenizer: dict = setting(check=node(component=True), help="the tokenizer component")
+    tasks: Any = setting(check=None, help="lm-eval task names (a list or one name)")
+    include_path: str | None = setting(None, text(optional=True), "a folder of your own task YAMLs")
+    include_default_tasks: bool = setting(True, boolean(), "also offer lm-eval's built-in tasks")
+    num_fewshot: int | None = setting(None, integer(0, optional=True), "null: each task's own default")
+    limit: float | None = setting(None, number(0, above=True, optional=True),
+                                  "at most this many documents per task (a fraction if < 1)")
+    apply_chat_template: bool = setting(False, boolean(), "render prompts with the model's chat template")
+    fewshot_as_multiturn: bool = setting(False, boolean(), "few-shot examples as chat turns")
+    log_samples: bool = setting(False, boolean(), "keep every document's inputs and outputs in results.json")
+    bootstrap_iters: int = setting(100000, integer(0), "bootstrap resamples for standard errors; 0: none")
+    batch_size: int = setting(check=integer(1), help="requests per forward")
+    max_seq_len: int | None = setting(None, integer(1, optional=True), "longest input; null: the model's")
+    max_new_tokens: int = setting(256, integer(1), "generate_until tasks that name no max_gen_toks")
+    gen_kwargs: dict | None = setting(None, node(optional=True), "overrides every generate_until task's settings")
+    device: str | None = setting(None, device(), "cpu, cuda, cuda:N or auto")
+    dtype: str = setting("fp32", choice(*DTYPES), "the weights' dtype")
+    seed: int | None = setting(0, integer(0, optional=True), "seeds lm-eval and sampling")
+
+
 RECIPE_SETTINGS = {
     "full_finetune_single_device": TrainingSettings,
     "lora_finetune_single_device": TrainingSettings,
@@ -255,4 +326,7 @@ RECIPE_SETTINGS = {
     "knowledge_distillation_single_device": DistillationSettings,
     "knowledge_distillation_distributed": DistillationSettings,
     "on_policy_distillation_single_device": OnPolicySettings,
+    "cache_teacher_logits": CacheSettings,
+    "generate": GenerateSettings,
+    "eleuther_eval": EvalSettings,
 }

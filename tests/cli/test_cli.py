@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -121,3 +122,20 @@ def test_every_builtin_config_validates(name):
     from kdtune.config import load_config, validate
 
     assert validate(load_config(name)) > 0
+
+
+def test_every_setting_of_a_built_in_config_is_documented_above_it():
+    from kdtune.config.builtins import available_configs
+
+    for name, path in available_configs().items():
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"^[a-z_]+:", line):
+                assert i > 0 and lines[i - 1].startswith("# "), f"{name}: '{line}' has no comment above it"
+
+
+def test_validate_reports_the_settings_errors_a_run_would():
+    proc = run_kdtune("validate", "tiny/KD_single_device", "batch_size=2.5")
+    assert_user_error(proc, "batch_size", "positive integer", "2.5")
+    proc = run_kdtune("validate", "tiny/KD_single_device", "+kd_ratioo=0.5")
+    assert_user_error(proc, "kd_ratioo", "did you mean 'kd_ratio'")

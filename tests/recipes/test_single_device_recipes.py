@@ -136,6 +136,15 @@ def test_bad_settings_are_user_errors(world, tmp_path, override, fragment):
     assert not any(p.name.startswith(("step_", "epoch_")) for p in out.glob("*"))
 
 
+def test_an_output_dir_that_is_a_file_is_refused(world, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    proc = run_kdtune("run", "full_finetune_single_device", "--config", "tiny/full_finetune_single_device",
+                      *base_overrides(world, out))
+    assert_user_error(proc, "output_dir", "is a file")
+    assert out.read_text() == "keep me"
+
+
 def test_mismatched_tokenizers_and_empty_data_are_refused(world, tmp_path):
     other = tmp_path / "other_teacher"
     shutil.copytree(world["teacher"], other)
