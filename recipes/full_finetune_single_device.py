@@ -40,18 +40,19 @@ def main(cfg):
         for layer in model.layers:
             layer.compile()
 
-    # 3. Optimizer, schedule, loss, saver, logger, and the state a resume restores.
+    # 3. Optimizer, schedule, loss, saver, the state a resume restores; then the run starts (lock, records, logger).
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer, params)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
     ce_loss = LinearCrossEntropyLoss(form=s.loss_form, chunk_size=s.loss_chunk_size)
     save = training.student_saver(checkpointer, model)
-    logger = training.build_metric_logger(cfg.get("metric_logger"), run.output_dir, run.dist)
     state = training.TrainingState(run.dist)
     state.register("optimizer", run.dist.optimizer_state(model, optimizer))
     state.register("lr_scheduler", lr_scheduler)
     if run.resume_dir is not None:
         state.load(run.resume_dir)
+    run.start(dataset=dataset, tokenizer=tokenizer)  # every check passed: lock output_dir, record the run
+    logger = training.build_metric_logger(cfg.get("metric_logger"), run.output_dir, run.dist)
 
     def forward(batch):
         """The model's final hidden states (the loss projects them through the output weight)."""
@@ -99,9 +100,13 @@ def main(cfg):
                 logger.log_dict({"epoch": state.epoch, **values}, step=state.global_step)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_second']:.0f}")
-            if s.save_every_n_steps and state.global_step % s.save_every_n_steps == 0 \
-                    and state.step_in_epoch < steps.steps_per_epoch:  # the epoch's end saves anyway
+            stop = run.stop_requested()  # SIGINT or SIGTERM: stop after this step, the same on every process
+            periodic = s.save_every_n_steps and state.global_step % s.save_every_n_steps == 0 \
+                and state.step_in_epoch < steps.steps_per_epoch  # the epoch's end saves anyway
+            if periodic or (stop and s.save_on_interrupt):
                 last_checkpoint = save(step=state.global_step, recipe_state=state.state_dict())
+            if stop:
+                run.stop(state.global_step)  # one line saying where it stopped; exit status 130 or 143
         last_checkpoint = save(epoch=state.epoch, recipe_state=state.state_dict())
     bar.close()
     if logger:

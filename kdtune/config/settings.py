@@ -143,6 +143,18 @@ def nested(cls, *, optional: bool = False) -> Check:
     return _described(check, "a mapping" + (" or null" if optional else ""))
 
 
+def names() -> Check:
+    """A list of setting names (a single name is a list of one)."""
+
+    def check(key, value):
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise KDTuneError(f"{key}: expected a list of setting names, got {_got(value)}")
+        return tuple(value)
+
+    return _described(check, "a list of setting names")
+
+
 def device() -> Check:
     def check(key, value):
         if value in (None, "auto", "cpu", "cuda", "mps") or (isinstance(value, str) and value.startswith("cuda:")):
@@ -221,6 +233,8 @@ class TrainingSettings:
     max_steps_per_epoch: int | None = setting(None, integer(1, optional=True), "cut each epoch short; null: whole")
     save_every_n_steps: int | None = setting(None, integer(1, optional=True), "checkpoint cadence; null: per epoch")
     resume_from_checkpoint: bool = setting(False, boolean(), "continue from output_dir's newest checkpoint")
+    resume_allow_changes: tuple = setting((), names(), "what may differ on resume though it defines the run")
+    save_on_interrupt: bool = setting(False, boolean(), "on SIGINT/SIGTERM, checkpoint the step before stopping")
     clip_grad_norm: float | None = setting(None, number(0, above=True, optional=True), "max gradient norm; null: off")
     loss_form: str = setting("fused", choice(*FORMS), "fused never materializes the logits; chunked/full agree")
     loss_chunk_size: int = setting(DEFAULT_CHUNK_SIZE, integer(1), "tokens per chunk of the fused loss")

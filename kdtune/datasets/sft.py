@@ -10,6 +10,7 @@ adds ``input_pos`` (restarting at 0 for each sample) and ``seq_lens`` (the lengt
 and of its padding), from which `collate` builds the block-causal attention mask.
 """
 
+import hashlib
 from typing import Callable
 
 import numpy as np
@@ -49,6 +50,14 @@ class SFTDataset:
             if max_seq_len is None:
                 raise KDTuneError(f"{name}: packed: true needs max_seq_len")
             self._packs = _greedy_packs(lengths, max_seq_len)
+
+    def fingerprint(self) -> str:
+        """A hash of every sample's tokens and trained mask, and of the packing."""
+        digest = hashlib.sha256()
+        for array in (self._offsets, self._tokens, self._trained, np.asarray(self._packs or [], dtype=np.int64)):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(f"{self.max_seq_len}".encode())
+        return digest.hexdigest()
 
     @property
     def num_tokens(self) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from kdtune.datasets import IGNORE_INDEX, collate
+from kdtune.datasets.fingerprint import fingerprint
 from kdtune.errors import KDTuneError
 from kdtune.losses import TeacherTopK
 from kdtune.offline.index import check_matches, read_index
@@ -36,6 +37,10 @@ class CachedTeacherDataset:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def fingerprint(self) -> str:
+        """The samples' (the cache was checked to match them on opening)."""
+        return fingerprint(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.dataset[index]

@@ -5,10 +5,15 @@ schedule, and anything of its own (a kd_ratio schedule, a learned projection, th
 sampler) — saves ``state.state_dict()`` with every checkpoint, and on resume calls
 ``state.load(folder)`` once everything is built. The run then continues exactly where the
 checkpoint was taken: the same epoch and step, the data order from the next sample on (see
-`StepBatches`), the same random draws, and every registered object as it was.
+`StepBatches`), the same random draws, and every registered object as it was — except that an
+optimizer's hyperparameters (learning rate, betas, weight decay ...) are the config's, so a resume
+with a new learning rate trains at it (the schedule continuing where it was); its moments are the
+checkpoint's.
 """
 
 from typing import Protocol
+
+import torch
 
 from kdtune.errors import KDTuneError
 from kdtune.training.distribution import Distribution
@@ -53,6 +58,29 @@ class TrainingState:
                               f"recipe trains; it was saved by another recipe or an earlier version of this one")
         for key in _COUNTERS:
             setattr(self, key, int(state[key]))
+        configured = {name: [dict(group) for group in opt.param_groups]
+                      for name, opt in self._optimizers().items()}
         for name, obj in self._objects.items():
             obj.load_state_dict(state[name])
+        for name, opt in self._optimizers().items():
+            for group, fresh in zip(opt.param_groups, configured[name]):
+                _configured_hyperparameters(group, fresh)
+        for obj in self._objects.values():
+            if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+                obj.base_lrs = [group["initial_lr"] for group in obj.optimizer.param_groups]
         self.dist.set_rng_state(state["rng"])  # last: nothing above may draw from the restored generators
+
+    def _optimizers(self) -> dict:
+        found = {name: getattr(obj, "optimizer", obj) for name, obj in self._objects.items()}
+        return {name: opt for name, opt in found.items() if isinstance(opt, torch.optim.Optimizer)}
+
+
+def _configured_hyperparameters(group: dict, fresh: dict) -> None:
+    """Put the config's hyperparameters back into a loaded parameter group; a changed base learning
+    rate keeps the schedule's current factor."""
+    for key, value in fresh.items():
+        if key not in ("params", "lr", "initial_lr") and group.get(key) != value:
+            group[key] = value
+    if "initial_lr" in fresh and fresh["initial_lr"] != group.get("initial_lr"):
+        factor = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
+        group["initial_lr"], group["lr"] = fresh["initial_lr"], fresh["initial_lr"] * factor
