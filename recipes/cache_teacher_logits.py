@@ -9,6 +9,7 @@ An interrupted run resumes when rerun with the same config. Copy this file (`kdt
 
 import kdtune.config
 from kdtune import offline, training
+from kdtune.checkpointing import check_same_tokens
 from kdtune.config import instantiate
 from kdtune.config.settings import CacheSettings, read_settings
 from kdtune.training.precision import resolve_device, resolve_dtype
@@ -21,7 +22,10 @@ def main(cfg):
     device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
     tokenizer = instantiate(cfg.tokenizer)
     teacher_checkpointer = instantiate(cfg.teacher_checkpointer)
+    # The distillation reads the cache with this tokenizer (the student's): the teacher must share it.
+    check_same_tokens(tokenizer.path, teacher_checkpointer.checkpoint_dir, tokenizer.vocab_size)
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
+    training.check_positions(dataset, teacher_checkpointer)  # no sample longer than the teacher's positions
     teacher_node = s.teacher or {}
     writer = offline.CacheWriter(
         s.output_dir, dataset, tokenizer, top_k=s.top_k, temperature=s.temperature, logprob_dtype=s.logprob_dtype,

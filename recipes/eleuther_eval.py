@@ -28,6 +28,9 @@ from kdtune.training.rng import set_seed
 @kdtune.config.parse
 def main(cfg):
     s = read_settings(cfg, EvalSettings)
+    if (Path(s.output_dir) / "results.json").exists():  # an earlier run's: never overwritten
+        raise KDTuneError(f"output_dir: '{s.output_dir}' holds an earlier run's results.json; choose another "
+                          f"output_dir or remove it")
     device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
     seed = set_seed(s.seed)
     tasks = kd_eval.task_list(cfg.tasks)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import kdtune.config
-from kdtune.checkpointing import load_model, load_peft_adapter
+from kdtune.checkpointing import HFCheckpointer, load_model, load_peft_adapter
 from kdtune.config import instantiate
 from kdtune.config.settings import GenerateSettings, read_settings
 from kdtune.datasets.messages import chat_messages
@@ -85,10 +85,18 @@ def save_json(records: list[dict], path: Path) -> None:
 @kdtune.config.parse
 def main(cfg):
     s = read_settings(cfg, GenerateSettings)
+    outputs = [Path(s.output_dir) / name for name in ("generations.json", "generations.jsonl")]
+    if any(path.exists() for path in outputs):  # an earlier run's: never overwritten
+        raise KDTuneError(f"output_dir: '{s.output_dir}' holds an earlier run's generations; choose another "
+                          f"output_dir or remove them")
     device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
     seed = set_seed(s.seed)
     tokenizer = instantiate(cfg.tokenizer)
     sources, prompts = read_prompts(s, tokenizer)
+    positions = HFCheckpointer(s.checkpoint_dir).model_args.max_position_embeddings
+    if max(map(len, prompts)) + s.max_new_tokens > positions:  # checked before the weights load
+        raise KDTuneError(f"max_new_tokens: a prompt of {max(map(len, prompts))} tokens plus {s.max_new_tokens} new ones "
+                          f"exceeds max_position_embeddings={positions} of {s.checkpoint_dir}/config.json")
 
     model = load_model(s.checkpoint_dir, dtype=dtype, device=device)
     if s.adapter_dir:

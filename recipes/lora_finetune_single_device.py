@@ -35,6 +35,7 @@ def main(cfg):
     tokenizer = instantiate(cfg.tokenizer)
     checkpointer = instantiate(cfg.checkpointer)
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
+    training.check_positions(dataset, checkpointer)  # no sample longer than the model's positions
     steps = training.StepBatches(dataset, batch_size=s.batch_size, collate_fn=lambda b: collate(b, tokenizer.pad_id),
                                  seed=run.seed, shuffle=s.shuffle, max_steps_per_epoch=s.max_steps_per_epoch,
                                  gradient_accumulation_steps=s.gradient_accumulation_steps, dist=run.dist)

@@ -39,6 +39,7 @@ def main(cfg):
     tokenizer = kd.tokenizer
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)  # prompts, with their reference replies if any
     check_replies(lmbda=s.lmbda, seq_kd=s.seq_kd, dataset=dataset)
+    training.check_positions(dataset, *kd.checkpointers, extra=s.generation.max_new_tokens)
     steps = training.StepBatches(dataset, batch_size=s.batch_size, collate_fn=lambda b: collate_prompts(b, tokenizer.pad_id),
                                  seed=run.seed, shuffle=s.shuffle, max_steps_per_epoch=s.max_steps_per_epoch,
                                  gradient_accumulation_steps=s.gradient_accumulation_steps, dist=run.dist)

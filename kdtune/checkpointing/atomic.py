@@ -12,6 +12,13 @@ from pathlib import Path
 from kdtune.errors import KDTuneError
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -26,14 +33,20 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     and rename it to ``final`` in one step.
 
     A crash or an exception leaves no ``final`` (only, after a hard crash, a ``.name.tmp*`` folder
-    that nothing reads as a checkpoint). An existing ``final`` is never replaced: that is an error
-    raised before anything is written.
+    that nothing reads as a checkpoint and the next run removes). An existing ``final`` is never
+    replaced: that is an error raised before anything is written. The folder gets the permissions
+    the user's umask gives (mkdtemp's are 0700). A failed write (a full disk, an I/O error) is one
+    error naming the folder, with nothing of it left behind.
     """
     final = Path(final)
     if final.exists():
         raise KDTuneError(f"{final}: already exists; refusing to overwrite it (use a new output_dir or remove it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+    except OSError as e:
+        raise KDTuneError(f"{final}: cannot be written ({e.strerror or e})") from None
     try:
         yield tmp
         for path in tmp.rglob("*"):
@@ -42,6 +55,10 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         _fsync(tmp)
         os.rename(tmp, final)
         _fsync(final.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KDTuneError(f"{final}: cannot be written ({e.strerror or e}); the partial folder was removed and "
+                          f"the checkpoints written before it are intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -44,12 +44,19 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tok
                 f"the {who} ({folder}) has {size} embedding rows but the tokenizer has {tokenizer_vocab_size} "
                 "tokens: teacher and student must use the same tokenizer"
             )
-    student, teacher = _token_table(Path(student_dir)), _token_table(Path(teacher_dir))
-    if student is not None and teacher is not None:
-        for i in range(tokenizer_vocab_size):
-            if student.get(i) != teacher.get(i):
-                raise KDTuneError(
-                    f"different tokenizers: token id {i} is {student.get(i)!r} in {student_dir}/tokenizer.json "
-                    f"but {teacher.get(i)!r} in {teacher_dir}/tokenizer.json"
-                )
+    check_same_tokens(student_dir, teacher_dir, tokenizer_vocab_size)
     return tokenizer_vocab_size
+
+
+def check_same_tokens(first_dir: str | Path, second_dir: str | Path, vocab_size: int) -> None:
+    """When both folders ship a ``tokenizer.json``, they map every id below ``vocab_size`` to the
+    same token (a KDTuneError names the first id that differs)."""
+    first, second = _token_table(Path(first_dir)), _token_table(Path(second_dir))
+    if first is None or second is None:
+        return
+    for i in range(vocab_size):
+        if first.get(i) != second.get(i):
+            raise KDTuneError(
+                f"different tokenizers: token id {i} is {first.get(i)!r} in {first_dir}/tokenizer.json "
+                f"but {second.get(i)!r} in {second_dir}/tokenizer.json"
+            )

@@ -74,7 +74,13 @@ def _build(plain: dict, where: str, args=(), extra=None):
     kwargs = {k: _build_nested(v, f"{where}.{k}") for k, v in plain.items() if k != "_component_"}
     kwargs.update(extra or {})
     _check_binding(fn, plain["_component_"], where, args, kwargs)
-    return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except KDTuneError as e:  # kdtune's own components name the argument; this names the node too
+        raise (e if str(e).startswith(where) else KDTuneError(f"{where}: {e}")) from None
+    except (ValueError, TypeError) as e:  # a component refusing its arguments (torch's optimizers do)
+        raise KDTuneError(f"{where}: '{plain['_component_']}' refused its arguments: {' '.join(str(e).split())}") \
+            from None
 
 
 def _build_nested(value, where: str):

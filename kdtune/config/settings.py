@@ -179,7 +179,10 @@ def _read(plain: dict, cls, prefix: str = ""):
             values[f.name] = check(key, plain[f.name]) if check else plain[f.name]
         elif f.default is MISSING:
             raise KDTuneError(f"{key}: required ({f.metadata.get('help') or 'no default'})")
-    return cls(**values)
+    settings = cls(**values)
+    if hasattr(settings, "check_components"):
+        settings.check_components(plain)
+    return settings
 
 
 def read_settings(cfg: DictConfig | dict, cls):
@@ -242,6 +245,21 @@ class TrainingSettings:
     dtype: str = setting("fp32", choice(*DTYPES), "the weights' dtype (the loss math is float32)")
     compile: bool = setting(False, boolean(), "torch.compile each decoder layer")
     log_every_n_steps: int = setting(1, integer(1), "metrics cadence in optimizer steps")
+
+    def check_components(self, plain: dict) -> None:
+        """Build the optimizer and the schedule over a stand-in parameter (and a distillation's loss),
+        so that an argument they refuse (a negative learning rate ...) is an error before any weight loads."""
+        import torch
+
+        from kdtune.config.instantiate import instantiate
+
+        for key in ("lr", "weight_decay", "eps"):
+            if key in plain["optimizer"]:
+                number(0)(f"optimizer.{key}", plain["optimizer"][key])
+        optimizer = instantiate(plain["optimizer"], [torch.nn.Parameter(torch.zeros(1))], _where="optimizer")
+        instantiate(plain["lr_scheduler"], optimizer, num_training_steps=1, _where="lr_scheduler")
+        if "kd_loss" in plain:
+            instantiate(plain["kd_loss"], _where="kd_loss")
 
 
 @dataclass(frozen=True, kw_only=True)

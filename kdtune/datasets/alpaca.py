@@ -16,6 +16,7 @@ def alpaca_dataset(
     train_on_input: bool = False,
     packed: bool = False,
     skip_bad_rows: bool = False,
+    drop_untrained: bool = True,
 ) -> SFTDataset:
     """Each row as a one-turn chat in the model's own chat template; the output is trained.
 
@@ -27,4 +28,5 @@ def alpaca_dataset(
         tokenizer, rows, alpaca_messages, name=f"alpaca dataset {source} {data_files or ''}".strip(),
         max_seq_len=max_seq_len, train_on_input=train_on_input, train_on="last", packed=packed,
         skip_bad_rows=skip_bad_rows,
+        drop_untrained=drop_untrained,
     )

@@ -21,6 +21,7 @@ def chat_dataset(
     train_on_input: bool = False,
     packed: bool = False,
     skip_bad_rows: bool = False,
+    drop_untrained: bool = True,
 ) -> SFTDataset:
     """Conversations in the model's own chat template, trained on assistant replies.
 
@@ -35,4 +36,5 @@ def chat_dataset(
         tokenizer, rows, partial(chat_messages, style=conversation_style),
         name=f"chat dataset {source} {data_files or ''}".strip(), max_seq_len=max_seq_len,
         train_on_input=train_on_input, train_on=train_on, packed=packed, skip_bad_rows=skip_bad_rows,
+        drop_untrained=drop_untrained,
     )

@@ -6,6 +6,7 @@ find it, and bad rows are either all reported or, with ``skip_bad_rows``, skippe
 """
 
 import csv
+import io
 import json
 from pathlib import Path
 import re
@@ -27,8 +28,18 @@ def _json_row(where: str, record) -> Row:
     return Row(where, record) if isinstance(record, dict) else Row(where, {}, "not a JSON object")
 
 
+def _text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark, as some editors write one, is dropped)."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise KDTuneError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at line {line}); "
+                          f"save it as UTF-8") from None
+
+
 def _json_rows(path: Path) -> Iterable[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = _text(path)
     if text.lstrip().startswith("["):  # one JSON array; otherwise JSON lines, as the json loaders accept
         try:
             records = json.loads(text)
@@ -45,10 +56,9 @@ def _json_rows(path: Path) -> Iterable[Row]:
 
 
 def _csv_rows(path: Path) -> Iterable[Row]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        for record in reader:
-            yield Row(f"{path} line {reader.line_num}", record)
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    for record in reader:
+        yield Row(f"{path} line {reader.line_num}", record)
 
 
 def _parquet_rows(path: Path) -> Iterable[Row]:
@@ -56,7 +66,10 @@ def _parquet_rows(path: Path) -> Iterable[Row]:
         import pyarrow.parquet as pq
     except ImportError:
         raise KDTuneError(f"{path}: reading parquet files needs pyarrow (pip install pyarrow)") from None
-    records = pq.read_table(path).to_pylist()
+    try:
+        records = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise KDTuneError(f"{path}: not a readable parquet file ({' '.join(str(e).split())})") from None
     return (Row(f"{path} row {i} (1-based)", r) for i, r in enumerate(records, 1))
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from kdtune.datasets.rows import Row, convert_rows
-from kdtune.errors import KDTuneError
+from kdtune.errors import KDTuneError, warn
 from kdtune.tokenization.chat_template import check_train_on
 
 IGNORE_INDEX = -100
@@ -58,6 +58,11 @@ class SFTDataset:
             digest.update(np.ascontiguousarray(array).tobytes())
         digest.update(f"{self.max_seq_len}".encode())
         return digest.hexdigest()
+
+    @property
+    def longest(self) -> int:
+        """The most tokens a sample (a packed row: ``max_seq_len``) holds."""
+        return self.max_seq_len if self._packs is not None else int(np.diff(self._offsets).max())
 
     @property
     def num_tokens(self) -> int:
@@ -119,15 +124,33 @@ def chat_sft_dataset(
     train_on: str,
     packed: bool,
     skip_bad_rows: bool,
+    drop_untrained: bool = True,
 ) -> SFTDataset:
-    """Render each row's conversation with the chat template, then tokenize all rows in one batch."""
+    """Render each row's conversation with the chat template, then tokenize all rows in one batch.
+
+    A sample left with no trained token (its prompt fills ``max_seq_len``, or nothing is marked
+    for training) teaches nothing and would only dilute a batch: it is dropped, with one warning
+    counting them, or with ``drop_untrained: false`` refused, naming its row.
+    """
     template = tokenizer.require_chat_template()
     check_train_on(train_on)
 
     def render(data: dict):
         return template.render_with_spans(to_messages(data), train_on_input=train_on_input, train_on=train_on)
 
-    rendered = [text_spans for _, text_spans in convert_rows(rows, render, skip_bad_rows)]
+    converted = convert_rows(rows, render, skip_bad_rows)
     max_seq_len = max_seq_len or tokenizer.max_seq_len
-    samples = tokenizer.tokenize_rendered(rendered, max_seq_len) if rendered else []
+    samples = tokenizer.tokenize_rendered([text_spans for _, text_spans in converted], max_seq_len) \
+        if converted else []
+    untrained = [i for i, (_, mask) in enumerate(samples) if not mask[1:].any()]
+    if untrained and len(untrained) < len(samples):
+        first = converted[untrained[0]][0].where
+        why = f"its prompt fills max_seq_len={max_seq_len}" if max_seq_len else "no token of it is trained"
+        if not drop_untrained:
+            raise KDTuneError(f"{first}: no token of this sample is trained ({why}); {len(untrained)} samples are "
+                              f"like it; raise max_seq_len, or set drop_untrained: true to drop them")
+        warn(f"{name}: dropped {len(untrained)} of {len(samples)} samples with no trained token "
+             f"(the first: {first}; {why})")
+        dropped = set(untrained)
+        samples = [sample for i, sample in enumerate(samples) if i not in dropped]
     return SFTDataset(samples, packed=packed, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, name=name)

@@ -193,6 +193,13 @@ def apply_lora(
             "model, so nothing would train"
         )
     for name in targets:
+        layer = model.get_submodule(name)
+        if lora_rank > min(layer.in_features, layer.out_features):
+            raise KDTuneError(
+                f"lora_rank: {lora_rank} exceeds the smaller side of {name} ({layer.out_features} x "
+                f"{layer.in_features}); a rank above it adds parameters but no capacity"
+            )
+    for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         lora = LoRALinear.from_linear(

@@ -9,7 +9,7 @@
 - schedules, metric loggers, the progress bar, RNG helpers and plots.
 """
 
-from kdtune.training.data import StepBatches, build_validation, to_device, validation_batches
+from kdtune.training.data import StepBatches, build_validation, check_positions, to_device, validation_batches
 from kdtune.training.distillation import DistillationParts, distillation_parts
 from kdtune.training.distribution import Distribution
 from kdtune.training.metric_logging import (
@@ -49,6 +49,7 @@ __all__ = [
     "build_metric_logger",
     "build_validation",
     "check_finite",
+    "check_positions",
     "describe_trainable",
     "distillation_parts",
     "get_cosine_schedule_with_warmup",

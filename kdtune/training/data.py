@@ -115,6 +115,33 @@ def validation_batches(dataset, *, batch_size: int, collate_fn, max_batches: int
     return batches
 
 
+def longest_sample(dataset) -> int:
+    """The most tokens any sample of ``dataset`` holds (a prompt sample: prompt and reply)."""
+    own = getattr(dataset, "longest", None)
+    if own is not None:
+        return own
+    if hasattr(dataset, "dataset"):  # a dataset joined with something (a teacher cache)
+        return longest_sample(dataset.dataset)
+    longest = 0
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        size = len(sample["tokens"]) if "tokens" in sample else len(sample["prompt"]) + len(sample["completion"])
+        longest = max(longest, size)
+    return longest
+
+
+def check_positions(dataset, *checkpointers, extra: int = 0, key: str = "dataset") -> None:
+    """Refuse, before any weight loads, samples (plus ``extra`` generated tokens) longer than a
+    model's ``max_position_embeddings``: it was never trained on such positions."""
+    longest = longest_sample(dataset) + extra
+    for checkpointer in checkpointers:
+        limit = checkpointer.model_args.max_position_embeddings
+        if longest > limit:
+            what = f"{longest} tokens" + (f" with the {extra} generated" if extra else "")
+            raise KDTuneError(f"{key}: a sample of {what} exceeds max_position_embeddings={limit} of "
+                              f"{checkpointer.checkpoint_dir}/config.json; lower max_seq_len (or max_new_tokens)")
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """The batch's tensors (and a cached teacher's top-k) on ``device``; other values as they are."""
     moved = {}

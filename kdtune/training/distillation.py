@@ -20,6 +20,11 @@ class DistillationParts:
     divergence: Divergence
     teacher_cache: str | None = None  # teacher_logits_cache: the cached top-k stand in for the teacher
 
+    @property
+    def checkpointers(self) -> list[HFCheckpointer]:
+        """The student's and (unless distilling from a cache) the teacher's."""
+        return [self.checkpointer] + ([self.teacher_checkpointer] if self.teacher_checkpointer else [])
+
 
 def distillation_parts(cfg: DictConfig) -> DistillationParts:
     """The parts of ``cfg``; with ``teacher_logits_cache`` there is no teacher checkpoint: the

@@ -52,8 +52,11 @@ class JsonlLogger:
 
     def log_dict(self, metrics: Mapping[str, Any], step: int) -> None:
         line = json.dumps({"step": int(step), **to_plain(metrics)}) + "\n"
-        self._file.write(line.encode())
-        self._file.flush()
+        try:
+            self._file.write(line.encode())
+            self._file.flush()
+        except OSError as e:
+            raise KDTuneError(f"{self.path}: cannot be written ({e.strerror or e})") from None
 
     def close(self) -> None:
         self._file.close()

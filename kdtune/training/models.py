@@ -14,6 +14,7 @@ from torch import nn
 from kdtune.checkpointing import ADAPTER_SUBDIR, HFCheckpointer, load_peft_adapter, save_peft_adapter
 from kdtune.config import instantiate
 from kdtune.errors import KDTuneError
+from kdtune.models import TransformerDecoder
 from kdtune.modules.lora import apply_lora, lora_modules, merge_lora_state_dict, quantize_nf4
 from kdtune.training.precision import resolve_dtype
 
@@ -56,6 +57,9 @@ def load_student(checkpointer: HFCheckpointer, model_node, *, device, dtype, res
     opts = _options(model_node, _MODEL_KEYS, "model")
     lora = {k: opts[k] for k in LORA_KEYS if k in opts}
     source = checkpointer if resume_dir is None or lora else HFCheckpointer(resume_dir)
+    if lora:  # the adapters must fit the layers: checked on a model without memory, before any weight loads
+        with torch.device("meta"):
+            apply_lora(TransformerDecoder(source.model_args), **{**lora, "quantize_base": False})
     model = source.load_model(_builder_model(opts, "model"), dtype=dtype, device=device)
     if lora:
         apply_lora(model, **lora)
