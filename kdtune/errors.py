@@ -38,6 +38,20 @@ def warn(message: str) -> None:
         print(f"kdtune: warning: {message}", file=sys.stderr, flush=True)
 
 
+def stop_at_once_on_signals() -> None:
+    """Until a run installs its own handlers, SIGINT and SIGTERM end the process at once with one
+    line: nothing is written before then, and an interrupt inside an import (torch takes seconds)
+    would otherwise surface as an unrelated ImportError."""
+
+    def stop(signum, frame):
+        if is_main_process():
+            print("kdtune: interrupted", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
 @contextlib.contextmanager
 def user_errors(debug: bool = False):
     """Turn a KDTuneError into one stderr line and exit status 2 (a traceback with ``--debug``),

@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from kdtune.errors import KDTuneError
 
 
@@ -55,9 +57,10 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         _fsync(tmp)
         os.rename(tmp, final)
         _fsync(final.parent)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # a full disk or an I/O error, reported by either writer
         shutil.rmtree(tmp, ignore_errors=True)
-        raise KDTuneError(f"{final}: cannot be written ({e.strerror or e}); the partial folder was removed and "
+        reason = getattr(e, "strerror", None) or str(e).rpartition("I/O error: ")[2] or str(e)
+        raise KDTuneError(f"{final}: cannot be written ({reason}); the partial folder was removed and "
                           f"the checkpoints written before it are intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from kdtune.errors import KDTuneError, user_errors
+from kdtune.errors import KDTuneError, stop_at_once_on_signals, user_errors
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_at_once_on_signals()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv[: argv.index("run")] if "run" in argv else "--debug" in argv
     with user_errors(debug):

@@ -15,7 +15,7 @@ import functools
 import sys
 
 from kdtune.config.loading import load_config
-from kdtune.errors import user_errors
+from kdtune.errors import stop_at_once_on_signals, user_errors
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def parse(recipe_main):
     @functools.wraps(recipe_main)
     def wrapper(argv: list[str] | None = None):
+        stop_at_once_on_signals()  # under torchrun a recipe starts without the kdtune command
         parser = _Parser(prog=sys.argv[0], description=recipe_main.__doc__)
         parser.add_argument("--config", required=True, help="built-in config name or .yaml path")
         parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")

@@ -34,7 +34,9 @@ class SFTDataset:
         pad_id: int,
         name: str,
     ):
-        if not samples or not any(mask[1:].any() for _, mask in samples):
+        if not samples:
+            raise KDTuneError(f"{name}: no samples")
+        if not any(mask[1:].any() for _, mask in samples):
             raise KDTuneError(
                 f"{name}: every label is masked, so there is nothing to learn; check train_on_input, "
                 f"train_on and that max_seq_len leaves room for the responses"
@@ -147,8 +149,9 @@ def chat_sft_dataset(
         first = converted[untrained[0]][0].where
         why = f"its prompt fills max_seq_len={max_seq_len}" if max_seq_len else "no token of it is trained"
         if not drop_untrained:
-            raise KDTuneError(f"{first}: no token of this sample is trained ({why}); {len(untrained)} samples are "
-                              f"like it; raise max_seq_len, or set drop_untrained: true to drop them")
+            raise KDTuneError(f"{first}: no token of this sample is trained ({why}); {len(untrained)} of "
+                              f"{len(samples)} samples have none; raise max_seq_len, or set drop_untrained: true "
+                              f"to drop them")
         warn(f"{name}: dropped {len(untrained)} of {len(samples)} samples with no trained token "
              f"(the first: {first}; {why})")
         dropped = set(untrained)

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -50,11 +51,11 @@ class RunContext:
         self.cfg, self.settings = cfg, settings
         self.output_dir = Path(settings.output_dir)
         _check_writable(self.output_dir)
+        _check_unlocked(self.output_dir)
         self.resume_dir = _resume_dir(self.output_dir, settings.resume_from_checkpoint)
         recorded = _read_run_file(self.output_dir) if self.resume_dir is not None else None
         if self.resume_dir is not None:
             _check_same_run(self.output_dir, cfg, getattr(settings, "resume_allow_changes", []))
-        _check_unlocked(self.output_dir)
         self.stopping: int | None = None  # the signal that asked the run to stop
         self.training = False
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -108,7 +109,7 @@ class RunContext:
         if self.stopping is not None:
             raise RunStopped(signum, f"stopped by {name} during a step; {self._resume_note()}")
         self.stopping = signum
-        if self.dist.is_main:
+        if self.dist.is_main and sys.stderr.isatty():  # someone at a terminal waits for the step to end
             warn(f"{name}: stopping after this step (send it again to stop at once)")
 
     def _resume_note(self) -> str:
@@ -190,26 +191,30 @@ def _check_identity(output_dir: Path, identity: dict, allowed) -> None:
 
 
 def _check_unlocked(output_dir: Path) -> None:
-    path = output_dir / LOCK_FILE
-    if path.is_file():
-        fd = _lock(output_dir)  # raises when another run holds it
-        os.close(fd)
+    """Refuse early, writing nothing, a folder another run holds."""
+    if (output_dir / LOCK_FILE).is_file():
+        os.close(_flock(output_dir / LOCK_FILE, os.O_RDONLY))
 
 
 def _lock(output_dir: Path) -> int:
     """Hold an exclusive lock on ``output_dir`` for this process's lifetime (the OS releases it
-    when the process ends, however it ends). Another run holding it is an error naming its pid."""
-    path = output_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    when the process ends, however it ends), with this process's pid in the lock file."""
+    fd = _flock(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _flock(path: Path, flags: int) -> int:
+    """An open descriptor of ``path`` holding its exclusive lock; another run's lock is an error naming its pid."""
+    fd = os.open(path, flags, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise KDTuneError(f"output_dir: '{output_dir}' is in use by another run (pid {holder}); wait for it to "
+        raise KDTuneError(f"output_dir: '{path.parent}' is in use by another run (pid {holder}); wait for it to "
                           f"finish or choose another output_dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 

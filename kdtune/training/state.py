@@ -68,6 +68,9 @@ class TrainingState:
         for obj in self._objects.values():
             if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
                 obj.base_lrs = [group["initial_lr"] for group in obj.optimizer.param_groups]
+            if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):  # this run's horizon (epochs may differ)
+                for group, base, factor in zip(obj.optimizer.param_groups, obj.base_lrs, obj.lr_lambdas):
+                    group["lr"] = base * factor(obj.last_epoch)
         self.dist.set_rng_state(state["rng"])  # last: nothing above may draw from the restored generators
 
     def _optimizers(self) -> dict:
