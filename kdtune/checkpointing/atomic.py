@@ -51,9 +51,13 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         raise KDTuneError(f"{final}: cannot be written ({e.strerror or e})") from None
     try:
         yield tmp
+        umask = current_umask()
         for path in tmp.rglob("*"):
-            if path.is_file():
+            if path.is_file():  # some writers (safetensors, mkstemp) make 0600 files: the umask decides
+                os.chmod(path, 0o666 & ~umask)
                 _fsync(path)
+            elif path.is_dir():
+                os.chmod(path, 0o777 & ~umask)
         _fsync(tmp)
         os.rename(tmp, final)
         _fsync(final.parent)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from kdtune.checkpointing.atomic import current_umask
 from kdtune.checkpointing.hf_format import CONFIG
 from kdtune.errors import KDTuneError
 
@@ -25,7 +24,6 @@ def save_recipe_state(checkpoint_dir: str | Path, state: dict) -> Path:
     path = Path(checkpoint_dir) / RECIPE_STATE
     fd, tmp = tempfile.mkstemp(prefix=f".{RECIPE_STATE}.", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would keep colleagues out
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()

@@ -27,7 +27,14 @@ RECIPE = {"full": ("full_finetune_single_device", "tiny/full_finetune_single_dev
           "lora": ("lora_finetune_single_device", "tiny/lora_finetune_single_device", base_overrides),
           "kd": ("knowledge_distillation_single_device", "tiny/KD_single_device", kd_overrides),
           "kd_full": ("knowledge_distillation_single_device", "tiny/KD_full_single_device", kd_overrides),
-          "gkd": ("on_policy_distillation_single_device", "tiny/GKD_single_device", kd_overrides)}
+          "gkd": ("on_policy_distillation_single_device", "tiny/GKD_single_device", kd_overrides),
+          "generate": ("generate", "tiny/generate", lambda world, out: [
+              f"checkpoint_dir={world['student']}", f"tokenizer.path={world['student']}", f"output_dir={out}"]),
+          "cache": ("cache_teacher_logits", "tiny/cache_teacher_logits", lambda world, out: [
+              f"output_dir={out}", f"teacher_checkpointer.checkpoint_dir={world['teacher']}",
+              f"tokenizer.path={world['student']}", f"dataset.data_files={world['data']}"]),
+          "eval": ("eleuther_eval", "tiny/eval", lambda world, out: [
+              f"checkpoint_dir={world['student']}", f"tokenizer.path={world['student']}", f"output_dir={out}"])}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +128,18 @@ CASES = [
     ("teacher_tokenizer_differs", "kd", ["teacher_checkpointer.checkpoint_dir={other_teacher}"],
      "different tokenizers: token id"),
     ("cache_and_teacher", "kd", ["+teacher_logits_cache={missing}"], "teacher_logits_cache and teacher_checkpointer"),
+    ("gkd_from_a_cache", "gkd", ["dataset.data_files={chats}", "~teacher_checkpointer", "+teacher_logits_cache={missing}"],
+     "on-policy distillation grades the student's own samples"),
+    ("generate_past_positions", "generate", ["max_new_tokens=100000"], "exceeds max_position_embeddings=512"),
+    ("generate_file_not_utf8", "generate", ["prompt=null", "messages_file={latin1}"], "not UTF-8 text"),
+    ("generate_temperature_negative", "generate", ["temperature=-1"], "temperature: expected a number >= 0"),
+    ("generate_two_prompt_kinds", "generate", ["messages_file={chats}"], "set exactly one of them"),
+    ("cache_top_k_zero", "cache", ["top_k=0"], "top_k: expected a positive integer"),
+    ("cache_logprob_dtype", "cache", ["logprob_dtype=int8"], "logprob_dtype: expected one of fp16, fp32"),
+    ("cache_batch_size_zero", "cache", ["batch_size=0"], "batch_size"),
+    ("eval_batch_size_zero", "eval", ["batch_size=0"], "batch_size"),
+    ("eval_limit_negative", "eval", ["limit=-1"], "limit: expected a number > 0 or null"),
+    ("eval_unknown_setting", "eval", ["+num_fewshots=2"], "num_fewshots: not a setting this recipe reads"),
 ]
 
 
@@ -287,3 +306,21 @@ def test_dropped_samples_are_counted_in_one_warning(world, files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("kdtune: warning:")]
     assert len(warnings) == 1 and "dropped 1 of 17 samples with no trained token" in warnings[0], proc.stderr
+
+
+def test_a_bad_setting_under_torchrun_is_one_line_from_one_process(world, tmp_path):
+    proc = run_kdtune("run", "--nproc_per_node", "2", "--standalone", "knowledge_distillation_distributed", "--config",
+                      "tiny/KD_distributed", *kd_overrides(world, tmp_path / "out"), "kd_ratio=abc", env=ENV)
+    assert_user_error(proc, "kd_ratio: expected a number in [0, 1], got 'abc'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoints_get_the_permissions_the_umask_gives(world, tmp_path):
+    out = tmp_path / "run"
+    recipe, config, base = RECIPE["full"]
+    proc = subprocess.run([sys.executable, "-m", "kdtune.cli.main", "run", recipe, "--config", config,
+                           *base(world, out), "max_steps_per_epoch=1"], env={**os.environ, **ENV},
+                          capture_output=True, text=True, preexec_fn=lambda: os.umask(0o022))
+    assert proc.returncode == 0, proc.stderr
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [out / "epoch_1", *(out / "epoch_1").iterdir()]}
+    assert modes["epoch_1"] == 0o755 and modes["recipe_state.pt"] == 0o644 and modes["model.safetensors"] == 0o644
