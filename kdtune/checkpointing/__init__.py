@@ -2,7 +2,7 @@
 recipe state for resuming, random-weight checkpoints, the teacher/student vocabulary check, and
 PEFT adapters (``peft.py``)."""
 
-from kdtune.checkpointing.hf_checkpointer import HFCheckpointer
+from kdtune.checkpointing.hf_checkpointer import HFCheckpointer, write_checkpoint
 from kdtune.checkpointing.loading import load_model
 from kdtune.checkpointing.peft import ADAPTER_SUBDIR, load_peft_adapter, save_peft_adapter
 from kdtune.checkpointing.random_init import write_random_checkpoint
@@ -20,5 +20,6 @@ __all__ = [
     "load_recipe_state",
     "save_peft_adapter",
     "save_recipe_state",
+    "write_checkpoint",
     "write_random_checkpoint",
 ]

@@ -110,21 +110,32 @@ class HFCheckpointer:
         if (step is None) == (epoch is None):
             raise ValueError("pass exactly one of step= or epoch=")
         final = self.output_dir / (f"step_{step}" if step is not None else f"epoch_{epoch}")
-        floats = [t.dtype for t in state_dict.values() if t.is_floating_point()]
-        sizes = {to_hf(name): t.numel() * t.element_size() for name, t in state_dict.items()}
-        hf_to_native = {to_hf(name): name for name in state_dict}
-        with atomic_directory(final) as tmp:
-            config = with_dtype(self.config, floats[0]) if floats else self.config
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-            write_weights(tmp, sizes, lambda hf_name: state_dict[hf_to_native[hf_name]], self.max_shard_size)
-            for file in TOKENIZER_FILES:
-                if (self.checkpoint_dir / file).is_file():
-                    shutil.copy2(self.checkpoint_dir / file, tmp / file)
-            if recipe_state is not None:
-                save_recipe_state(tmp, recipe_state)
-            if write_extra is not None:
-                write_extra(tmp)
-        return final
+        return write_checkpoint(final, self.config, state_dict, source_dir=self.checkpoint_dir,
+                                max_shard_size=self.max_shard_size, recipe_state=recipe_state, write_extra=write_extra)
+
+
+def write_checkpoint(final: Path, config: dict, state_dict: dict[str, torch.Tensor], *, source_dir: Path,
+                     max_shard_size: int | str = "5GB", recipe_state: dict | None = None,
+                     write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write the folder ``final`` atomically: ``config`` (``torch_dtype`` set to the weights'),
+    the native ``state_dict`` under HF names in shards of at most ``max_shard_size``, the tokenizer
+    and generation-config files of ``source_dir``, ``recipe_state.pt`` when given, and whatever
+    ``write_extra(folder)`` adds. An existing folder of that name is an error, never overwritten."""
+    floats = [t.dtype for t in state_dict.values() if t.is_floating_point()]
+    sizes = {to_hf(name): t.numel() * t.element_size() for name, t in state_dict.items()}
+    hf_to_native = {to_hf(name): name for name in state_dict}
+    with atomic_directory(final) as tmp:
+        config = with_dtype(config, floats[0]) if floats else config
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_weights(tmp, sizes, lambda hf_name: state_dict[hf_to_native[hf_name]], max_shard_size)
+        for file in TOKENIZER_FILES:
+            if (Path(source_dir) / file).is_file():
+                shutil.copy2(Path(source_dir) / file, tmp / file)
+        if recipe_state is not None:
+            save_recipe_state(tmp, recipe_state)
+        if write_extra is not None:
+            write_extra(tmp)
+    return final
 
 
 def _check_state_dict(model: nn.Module, state: dict, checkpoint_dir: Path) -> None:

@@ -19,6 +19,7 @@ RECIPES = (
     "knowledge_distillation_distributed",
     "on_policy_distillation_single_device",
     "cache_teacher_logits",
+    "prune",
     "eleuther_eval",
     "generate",
 )

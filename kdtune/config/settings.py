@@ -351,6 +351,30 @@ class EvalSettings:
     seed: int | None = setting(0, integer(0, optional=True), "seeds lm-eval and sampling")
 
 
+@dataclass(frozen=True, kw_only=True)
+class PruneSettings:
+    """Cutting a smaller model out of a trained one by importance on calibration data (prune)."""
+
+    output_dir: str = setting(check=text(), help="the pruned checkpoint's folder (with prune_report.json)")
+    checkpoint_dir: str = setting(check=text(), help="the model to prune (an HF checkpoint folder)")
+    tokenizer: dict = setting(check=node(component=True), help="the tokenizer component")
+    dataset: dict = setting(check=node(component=True), help="calibration data (any dataset component)")
+    num_calibration_samples: int = setting(256, integer(1), "samples the importance is measured on")
+    batch_size: int = setting(8, integer(1), "calibration samples per forward")
+    num_layers_to_remove: int = setting(0, integer(0), "decoder layers to drop")
+    num_layers: int | None = setting(None, integer(1, optional=True), "or: decoder layers to keep")
+    layer_importance: str = setting("block_influence", choice("block_influence", "skip_loss"),
+                                    "1 - cos(layer input, output), or the loss increase without the layer")
+    contiguous: bool = setting(False, boolean(), "drop one block of adjacent layers")
+    intermediate_size: int | None = setting(None, integer(1, optional=True), "MLP channels to keep; null: all")
+    num_attention_heads: int | None = setting(None, integer(1, optional=True),
+                                              "query heads to keep (whole key/value groups); null: all")
+    hidden_size: int | None = setting(None, integer(1, optional=True), "hidden channels to keep; null: all")
+    max_shard_size: Any = setting("5GB", None, "largest safetensors shard (bytes or '5GB')")
+    device: str | None = setting(None, device(), "cpu, cuda, cuda:N or auto")
+    dtype: str = setting("fp32", choice(*DTYPES), "the weights' dtype while measuring and in the output")
+
+
 RECIPE_SETTINGS = {
     "full_finetune_single_device": TrainingSettings,
     "lora_finetune_single_device": TrainingSettings,
@@ -361,4 +385,5 @@ RECIPE_SETTINGS = {
     "cache_teacher_logits": CacheSettings,
     "generate": GenerateSettings,
     "eleuther_eval": EvalSettings,
+    "prune": PruneSettings,
 }
