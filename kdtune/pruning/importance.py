@@ -1,6 +1,7 @@
 """How much each part of a trained decoder matters, measured on calibration data.
 
-One pass with forward hooks gathers, over every real (non-padding) token:
+One pass with forward hooks gathers, over every real (non-padding) token (float32 sums per batch,
+accumulated in float64):
 
 - **Block Influence** of each layer (ShortGPT, Men et al. 2024): ``1 - cos(h_in, h_out)``, the
   cosine between the residual stream entering and leaving the layer, averaged over tokens. A layer
@@ -86,23 +87,23 @@ def measure_importance(model: TransformerDecoder, batches, *, device, skip_loss:
 
     def on_layer(i):
         def hook(module, inputs, output):
-            cos = F.cosine_similarity(inputs[0][current["real"]].double(), output[current["real"]].double(), dim=-1)
-            totals["bi"][i] += (1 - cos).sum().cpu()
+            cos = F.cosine_similarity(inputs[0][current["real"]].float(), output[current["real"]].float(), dim=-1)
+            totals["bi"][i] += (1 - cos).sum().double().cpu()
         return hook
 
     def on_o_proj(i):
         def hook(module, inputs, output):
-            per_head = inputs[0][current["real"]].double().unflatten(-1, (args.num_heads, args.head_dim))
-            totals["heads"][i] += per_head.norm(dim=-1).sum(0).cpu()
+            per_head = inputs[0][current["real"]].float().unflatten(-1, (args.num_heads, args.head_dim))
+            totals["heads"][i] += per_head.norm(dim=-1).sum(0).double().cpu()
         return hook
 
     def on_down_proj(i):
         def hook(module, inputs, output):
-            totals["channels"][i] += inputs[0][current["real"]].double().abs().sum(0).cpu()
+            totals["channels"][i] += inputs[0][current["real"]].float().abs().sum(0).double().cpu()
         return hook
 
     def on_norm(module, inputs, output):
-        totals["hidden"] += output[current["real"]].double().abs().sum(0).cpu()
+        totals["hidden"] += output[current["real"]].float().abs().sum(0).double().cpu()
 
     handles = []
     for i, layer in enumerate(model.layers):

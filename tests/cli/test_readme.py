@@ -49,3 +49,5 @@ def test_each_step_reads_what_an_earlier_step_wrote():
             assert path in available, f"{' '.join(args)} reads {path}, which no earlier command provides"
         if "checkpointer" in cfg:  # a training run: its final checkpoint is there for later steps
             available.add(f"{cfg.output_dir}/epoch_{cfg.epochs}")
+        if _run_parts(args)[0] == "prune":  # the pruned checkpoint is output_dir itself
+            available.add(cfg.output_dir)
