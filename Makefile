@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 
 install: $(STAMP)
 
-# The suite's models are tiny: one thread per process is faster than two fighting over 2 cores,
-# and several tests run 2-process torchrun jobs.
+# The suite's models are tiny: one thread per process is faster than two fighting over 2 cores, so
+# two pytest workers (pytest-xdist) run the tests side by side; several run 2-process torchrun jobs.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
