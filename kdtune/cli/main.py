@@ -1,4 +1,4 @@
-"""``kdtune ls | cp | cat | validate | run | download | plot``."""
+"""``kdtune ls | cp | cat | validate | run | download | convert | plot``."""
 
 import argparse
 import shutil
@@ -97,6 +97,20 @@ def cmd_download(args) -> None:
     print(f"Downloaded {args.repo_id} to {path}")
 
 
+def cmd_convert(args) -> None:
+    import torch
+
+    try:
+        import gguf  # noqa: F401  (the reader the conversion uses)
+    except ImportError:
+        raise KDTuneError("convert gguf needs the gguf package: pip install 'kdtune[gguf]'") from None
+    from kdtune.checkpointing.from_gguf import convert_gguf
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    out = convert_gguf(Path(args.file), Path(args.out_dir), dtype=dtype)
+    print(f"Converted {args.file} to {out} ({args.dtype})")
+
+
 def cmd_plot(args) -> None:
     from kdtune.training.plot import plot_metrics
 
@@ -133,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--ignore-patterns", nargs="*", default=None, help="glob patterns of files to skip")
     p.set_defaults(fn=cmd_download)
+
+    p = sub.add_parser("convert", help="convert a checkpoint of another format into a Hugging Face folder")
+    formats = p.add_subparsers(dest="format", required=True, parser_class=_Parser)
+    g = formats.add_parser("gguf", help="a GGUF file (llama.cpp, Ollama): Llama, Qwen2, Qwen3")
+    g.add_argument("file", help="the .gguf file")
+    g.add_argument("out_dir", help="the Hugging Face folder to write (a new one)")
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the dequantized weights' dtype")
+    g.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("plot", help="draw the loss curves of a run into a PNG")
     p.add_argument("output_dir")

@@ -6,6 +6,7 @@ library lm-eval imports.
 
 from kdtune.datasets.alpaca import alpaca_dataset
 from kdtune.datasets.arithmetic import arithmetic_dataset, arithmetic_rows, write_arithmetic_jsonl
+from kdtune.datasets.instructions import instruction_prompts, write_instruction_jsonl
 from kdtune.datasets.chat import chat_dataset
 from kdtune.datasets.collate import collate, collate_prompts
 from kdtune.datasets.prompts import PromptDataset, prompt_completion_sample, prompt_dataset
@@ -19,6 +20,7 @@ __all__ = [
     "alpaca_dataset",
     "arithmetic_dataset",
     "arithmetic_rows",
+    "instruction_prompts",
     "chat_dataset",
     "collate",
     "collate_prompts",
@@ -26,4 +28,5 @@ __all__ = [
     "prompt_dataset",
     "text_completion_dataset",
     "write_arithmetic_jsonl",
+    "write_instruction_jsonl",
 ]

@@ -1,0 +1,223 @@
+"""GGUF files (llama.cpp, Ollama) in: a Hugging Face checkpoint folder out.
+
+The ``gguf`` package reads the file and dequantizes its tensors; ``tokenizers`` builds
+``tokenizer.json`` from the file's vocabulary, merges and pre-tokenizer type. The folder gets
+``config.json`` from the GGUF metadata, the weights under their Hugging Face names in safetensors,
+``tokenizer.json``, ``tokenizer_config.json`` (special tokens and the chat template) and
+``generation_config.json``: any kdtune recipe, and transformers, can use it.
+
+llama.cpp stores a Llama model's query and key projections with the rows of each head reordered for
+its rotary embedding (pairs interleaved); converting back undoes that reordering. Qwen2 and Qwen3
+are stored as Hugging Face has them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdtune.checkpointing.atomic import atomic_directory
+from kdtune.checkpointing.hf_format import CONFIG, dtype_name, write_weights
+from kdtune.errors import KDTuneError
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# GGUF tensor name parts -> Hugging Face module names (blk.N.<part> -> model.layers.N.<module>).
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+# The pre-tokenizer regexes of llama.cpp's pre-tokenizer types (tokenizer.ggml.pre), as the
+# families' own tokenizer.json files split text before byte-level BPE.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_PRE_TOKENIZERS = {
+    "gpt2": ("byte_level", None),
+    "smollm": ("digits", None),  # every digit alone, then GPT-2's split
+    "qwen2": ("split", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "llama-bpe": ("split", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                           r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # GGUF token types that are added (special) tokens
+
+
+def _open(path: Path):
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise KDTuneError(f"{path}: no such file")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError, IndexError, struct errors ... for damaged files
+        raise KDTuneError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    if any(t.data_offset + t.n_bytes > size for t in reader.tensors):
+        raise KDTuneError(f"{path}: truncated ({size:,} bytes; its tensors need more)")
+    return reader
+
+
+class _Meta:
+    """The GGUF key/value metadata, read field by field, missing ones named in the error."""
+
+    def __init__(self, reader, path: Path):
+        self.fields, self.path = reader.fields, path
+
+    def get(self, key: str, default=None):
+        field = self.fields.get(key)
+        return default if field is None else field.contents()
+
+    def need(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise KDTuneError(f"{self.path}: the GGUF metadata has no {key}")
+        return value
+
+
+def _hf_config(meta: _Meta, arch: str, tensors: dict, vocab_size: int) -> dict:
+    hidden, heads = meta.need(f"{arch}.embedding_length"), meta.need(f"{arch}.attention.head_count")
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if (scaling not in (None, "none")) or "rope_freqs.weight" in tensors:
+        raise KDTuneError(f"{meta.path}: rope scaling ({scaling or 'rope_freqs.weight'}) is not supported by "
+                          f"kdtune convert; convert the original Hugging Face checkpoint instead")
+    config = {
+        "architectures": [ARCHITECTURES[arch]], "model_type": arch, "hidden_size": hidden,
+        "intermediate_size": meta.need(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": meta.need(f"{arch}.block_count"), "num_attention_heads": heads,
+        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
+        "head_dim": meta.get(f"{arch}.attention.key_length", hidden // heads),
+        # GGUF stores it as float32: its shortest decimal (1e-05, not 9.99999974e-06) is the original
+        "rms_norm_eps": float(str(np.float32(meta.need(f"{arch}.attention.layer_norm_rms_epsilon")))),
+        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": meta.get(f"{arch}.context_length", 2048), "vocab_size": vocab_size,
+        "hidden_act": "silu", "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    if arch != "qwen2":  # Qwen2 always has q/k/v bias; Llama and Qwen3 say so
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    for key in ("bos", "eos", "padding"):
+        token = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token is not None:
+            config[f"{'pad' if key == 'padding' else key}_token_id"] = int(token)
+    return config
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _TOP_TENSORS:
+        return _TOP_TENSORS[name]
+    parts = name.split(".")  # blk.N.part.weight|bias
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary reordering of a Llama q/k projection: within each head it stores the
+    rows as pairs (first half, second half) interleaved; Hugging Face keeps the halves apart."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _tokenizer_files(meta: _Meta) -> tuple[dict, dict]:
+    """(tokenizer.json, tokenizer_config.json) contents for a GGUF byte-level BPE vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = meta.need("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise KDTuneError(f"{meta.path}: tokenizer type '{kind}' is not supported by kdtune convert (only "
+                          f"byte-level BPE, 'gpt2', as Llama 3, Qwen and SmolLM2 use)")
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in _PRE_TOKENIZERS:
+        raise KDTuneError(f"{meta.path}: pre-tokenizer '{pre}' is not supported by kdtune convert "
+                          f"(supported: {', '.join(_PRE_TOKENIZERS)})")
+    tokens = meta.need("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                               byte_fallback=False, ignore_merges=pre == "llama-bpe"))
+    how, regex = _PRE_TOKENIZERS[pre]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=how != "split")
+    if how == "digits":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif how == "split":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if add_bos and bos_id is not None:
+        bos = tokens[bos_id]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, int(bos_id))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    from tokenizers import AddedToken
+
+    added = [(i, t) for i, (t, kind_id) in enumerate(zip(tokens, types)) if kind_id in (_CONTROL, _USER_DEFINED)]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for i, t in added if types[i] == _CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for i, t in added if types[i] == _USER_DEFINED])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "add_bos_token": add_bos, "model_max_length": meta.get(f"{meta.need('general.architecture')}"
+                                                                     f".context_length", 2048)}
+    for key in ("bos", "eos", "unknown", "padding"):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            config[{"unknown": "unk_token", "padding": "pad_token"}.get(key, f"{key}_token")] = tokens[token_id]
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    return json.loads(tok.to_str()), config
+
+
+def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                 max_shard_size: int | str = "5GB") -> Path:
+    """Write the Hugging Face folder ``out_dir`` (a new one) for the GGUF file ``path``."""
+    from gguf import quants
+
+    path, out_dir = Path(path), Path(out_dir)
+    reader = _open(path)
+    meta = _Meta(reader, path)
+    arch = meta.need("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise KDTuneError(f"{path}: architecture '{arch}' is not supported by kdtune (supported: "
+                          f"{', '.join(ARCHITECTURES)})")
+    tensors = {t.name: t for t in reader.tensors}
+    unknown = sorted(name for name in tensors if _hf_name(name) is None and name != "rope_freqs.weight")
+    if unknown:
+        raise KDTuneError(f"{path}: tensor '{unknown[0]}' has no Hugging Face counterpart for {arch}")
+    tokenizer, tokenizer_config = _tokenizer_files(meta)
+    vocab_size = int(tensors["token_embd.weight"].shape[-1])
+    config = _hf_config(meta, arch, tensors, vocab_size)
+    config["torch_dtype"] = dtype_name(dtype)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+
+    def tensor(hf_name: str) -> torch.Tensor:
+        t = by_hf[hf_name]
+        try:
+            array = quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise KDTuneError(f"{path}: {t.name} is quantized as {t.tensor_type.name}, which the gguf package "
+                              f"cannot dequantize") from None
+        array = np.array(array, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])  # a writable copy
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            array = _unpermute(array, heads if ".attn_q." in t.name else kv_heads)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+
+    by_hf = {_hf_name(name): t for name, t in tensors.items() if _hf_name(name)}
+    element = torch.empty((), dtype=dtype).element_size()
+    sizes = {name: int(t.n_elements) * element for name, t in by_hf.items()}
+    with atomic_directory(out_dir) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
+        write_weights(tmp, sizes, tensor, max_shard_size)
+    return out_dir
