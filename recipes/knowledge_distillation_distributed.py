@@ -83,7 +83,7 @@ def main(cfg):
         student.eval()
         num_tokens = training.step_tokens(val_batches, run.dist)
         metrics = training.StepMetrics()
-        with torch.no_grad():
+        with torch.no_grad(), run.autocast():
             for batch in val_batches:
                 batch = training.to_device(batch, run.device)
                 hidden, teacher_out, teacher_weight = forward(batch)
@@ -107,9 +107,10 @@ def main(cfg):
             metrics = training.StepMetrics()
             for batch in micro:
                 batch = training.to_device(batch, run.device)
-                hidden, teacher_out, teacher_weight = forward(batch)
-                ce, kd_term = kd_loss(hidden, student.output_weight, teacher_out, teacher_weight, batch["labels"],
-                                      kd_ratio=kd_ratio, num_tokens=num_tokens)
+                with run.autocast():  # bf16 matmuls when autocast is set; the loss math stays float32
+                    hidden, teacher_out, teacher_weight = forward(batch)
+                    ce, kd_term = kd_loss(hidden, student.output_weight, teacher_out, teacher_weight,
+                                          batch["labels"], kd_ratio=kd_ratio, num_tokens=num_tokens)
                 loss = (1 - kd_ratio) * ce + kd_ratio * kd_term
                 run.dist.backward(loss)
                 metrics.add(loss=loss, ce_loss=ce, kd_loss=kd_term)

@@ -76,7 +76,7 @@ def main(cfg):
         model.eval()
         num_tokens = training.step_tokens(val_batches, run.dist)
         metrics = training.StepMetrics()
-        with torch.no_grad():
+        with torch.no_grad(), run.autocast():
             for batch in val_batches:
                 batch = training.to_device(batch, run.device)
                 metrics.add(val_loss=ce_loss(forward(batch), model.output_weight, batch["labels"], num_tokens=num_tokens))
@@ -94,7 +94,8 @@ def main(cfg):
             metrics = training.StepMetrics()
             for batch in micro:
                 batch = training.to_device(batch, run.device)
-                loss = ce_loss(forward(batch), model.output_weight, batch["labels"], num_tokens=num_tokens)
+                with run.autocast():  # bf16 matmuls when autocast is set; the loss math stays float32
+                    loss = ce_loss(forward(batch), model.output_weight, batch["labels"], num_tokens=num_tokens)
                 run.dist.backward(loss)
                 metrics.add(loss=loss)
             values = metrics.reduce(run.dist)

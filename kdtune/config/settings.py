@@ -243,6 +243,8 @@ class TrainingSettings:
     loss_chunk_size: int = setting(DEFAULT_CHUNK_SIZE, integer(1), "tokens per chunk of the fused loss")
     device: str | None = setting(None, device(), "cpu, cuda, cuda:N or auto")
     dtype: str = setting("fp32", choice(*DTYPES), "the weights' dtype (the loss math is float32)")
+    autocast: str | None = setting(None, choice("bf16", "fp16", optional=True),
+                                   "matmuls in this dtype, weights and optimizer state in dtype; null: off")
     compile: bool = setting(False, boolean(), "torch.compile each decoder layer")
     log_every_n_steps: int = setting(1, integer(1), "metrics cadence in optimizer steps")
 

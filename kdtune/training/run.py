@@ -12,6 +12,7 @@ process), optionally saving a checkpoint there; a second signal stops it at once
 run ends with one line saying where it stopped and which checkpoint a resume uses.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -63,10 +64,18 @@ class RunContext:
         self.dist = dist or Distribution()
         self.device = self.dist.setup(resolve_device(settings.device))
         self.dtype = resolve_dtype(settings.dtype)
+        self.autocast_dtype = resolve_dtype(settings.autocast, "autocast") if settings.autocast else None
         # A resumed run draws its data order from the seed the run began with, even one drawn at random.
         seed = recorded["seed"] if recorded and settings.seed is None else settings.seed
         self.seed = set_seed(seed)
         self._lock = None
+
+    def autocast(self):
+        """The forward's precision context: matmuls in ``autocast`` (bf16) with float32 weights, the
+        optimizer state and the loss math left in float32; a no-op when ``autocast`` is null."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # -- the run's lifetime ----------------------------------------------------------------------
     def start(self, *, dataset, tokenizer) -> None:
