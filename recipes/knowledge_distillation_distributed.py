@@ -16,6 +16,7 @@ loss term. kdtune supplies the parts: loading, data, resumable state, losses, sa
 import time
 
 import torch
+from torch import nn
 
 import kdtune.config
 from kdtune import offline, training
@@ -54,7 +55,9 @@ def main(cfg):
             layer.compile()
 
     # 3. Optimizer, schedule, losses, saver, the state a resume restores; then the run starts (lock, records, logger).
-    params = [p for p in student.parameters() if p.requires_grad]
+    hidden_loss = distributed.shard_module(kd.hidden_state_loss, run.dist)  # its projections train too (or None)
+    trained = nn.ModuleList([student, *([hidden_loss] if hidden_loss else [])])
+    params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer, params)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
     kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size)
@@ -62,21 +65,27 @@ def main(cfg):
                                  chunk_size=s.loss_chunk_size)  # validation's val_kl, whatever kd_loss is
     save = distributed.sharded_saver(kd.checkpointer, student, run.dist)  # full weights from rank 0, optimizer shards
     state = training.TrainingState(run.dist)
-    state.register("optimizer", run.dist.optimizer_state(student, optimizer))
+    state.register("optimizer", run.dist.optimizer_state(trained, optimizer))
     state.register("lr_scheduler", lr_scheduler)
+    if hidden_loss:
+        state.register("hidden_state_loss", run.dist.module_state(hidden_loss))  # the learned projections
     if run.resume_dir is not None:
         state.load(run.resume_dir)
     run.start(dataset=dataset, tokenizer=kd.tokenizer)  # every check passed: lock output_dir, record the run
     logger = training.build_metric_logger(cfg.get("metric_logger"), run.output_dir, run.dist)
 
     def forward(batch):
-        """The student's final hidden states, and the teacher's (or its cached top-k) with its output weight."""
+        """The student's final hidden states and those after its mapped layers, and the teacher's (or
+        its cached top-k) with its output weight."""
         inputs = {"mask": batch.get("mask"), "input_pos": batch.get("input_pos"), "return_hidden": True}
-        hidden = student(batch["tokens"], **inputs)
+        hidden, states = student(batch["tokens"], **inputs, return_layers=hidden_loss.student_layers if hidden_loss
+                                 else [])
         if teacher is None:
-            return hidden, batch["teacher_topk"], None
+            return hidden, states, batch["teacher_topk"], [], None
         with torch.no_grad():
-            return hidden, teacher(batch["tokens"], **inputs), teacher.output_weight
+            teacher_hidden, teacher_states = teacher(batch["tokens"], **inputs, return_layers=hidden_loss.teacher_layers
+                                                     if hidden_loss else [])
+        return hidden, states, teacher_hidden, teacher_states, teacher.output_weight
 
     def validate(kd_ratio: float) -> dict:
         """Held-out losses of the student as it is now, over every process's share of the data."""
@@ -86,12 +95,16 @@ def main(cfg):
         with torch.no_grad(), run.autocast():
             for batch in val_batches:
                 batch = training.to_device(batch, run.device)
-                hidden, teacher_out, teacher_weight = forward(batch)
+                hidden, states, teacher_out, teacher_states, teacher_weight = forward(batch)
                 heads = (hidden, student.output_weight, teacher_out, teacher_weight, batch["labels"])
                 ce, kd_term = kd_loss(*heads, kd_ratio=kd_ratio, num_tokens=num_tokens)
                 kl = kl_to_teacher(*heads, kd_ratio=1.0, num_tokens=num_tokens)[1]
-                metrics.add(val_loss=(1 - kd_ratio) * ce + kd_ratio * kd_term, val_ce_loss=ce, val_kd_loss=kd_term,
-                            val_kl=kl)
+                loss = (1 - kd_ratio) * ce + kd_ratio * kd_term
+                if hidden_loss:
+                    matched = hidden_loss(states, teacher_states, batch["labels"], num_tokens=num_tokens)
+                    loss = loss + hidden_loss.weight * matched
+                    metrics.add(val_hidden_state_loss=matched)
+                metrics.add(val_loss=loss, val_ce_loss=ce, val_kd_loss=kd_term, val_kl=kl)
         student.train()
         return metrics.reduce(run.dist)
 
@@ -108,10 +121,14 @@ def main(cfg):
             for batch in micro:
                 batch = training.to_device(batch, run.device)
                 with run.autocast():  # bf16 matmuls when autocast is set; the loss math stays float32
-                    hidden, teacher_out, teacher_weight = forward(batch)
+                    hidden, states, teacher_out, teacher_states, teacher_weight = forward(batch)
                     ce, kd_term = kd_loss(hidden, student.output_weight, teacher_out, teacher_weight,
                                           batch["labels"], kd_ratio=kd_ratio, num_tokens=num_tokens)
                 loss = (1 - kd_ratio) * ce + kd_ratio * kd_term
+                if hidden_loss:  # + weight * the intermediate-layer loss
+                    matched = hidden_loss(states, teacher_states, batch["labels"], num_tokens=num_tokens)
+                    loss = loss + hidden_loss.weight * matched
+                    metrics.add(hidden_state_loss=matched)
                 run.dist.backward(loss)
                 metrics.add(loss=loss, ce_loss=ce, kd_loss=kd_term)
             values = metrics.reduce(run.dist)

@@ -36,6 +36,9 @@ def main(cfg):
     if kd.teacher_cache:
         raise KDTuneError("teacher_logits_cache: on-policy distillation grades the student's own samples, "
                           "so it needs the teacher itself (teacher_checkpointer)")
+    if kd.hidden_state_loss:
+        raise KDTuneError("hidden_state_loss: on-policy distillation matches output distributions only; use "
+                          "knowledge_distillation_single_device for intermediate-layer losses")
     tokenizer = kd.tokenizer
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)  # prompts, with their reference replies if any
     check_replies(lmbda=s.lmbda, seq_kd=s.seq_kd, dataset=dataset)

@@ -18,6 +18,10 @@ COMPONENTS: dict[str, str] = {
     "skew_forward_kl": "kdtune.losses.SkewForwardKLLoss",
     "skew_reverse_kl": "kdtune.losses.SkewReverseKLLoss",
     "tvd": "kdtune.losses.TVDLoss",
+    # hidden-state losses (hidden_state_loss: {_component_: cosine, ...})
+    "cosine": "kdtune.losses.CosineHiddenStateLoss",
+    "mse": "kdtune.losses.MSEHiddenStateLoss",
+    "normalized_mse": "kdtune.losses.NormalizedMSEHiddenStateLoss",
     # --- models and checkpointing (kdtune.models, kdtune.checkpointing) ---
     "qwen2_0_5b": "kdtune.models.qwen2_0_5b",
     "qwen2_1_5b": "kdtune.models.qwen2_1_5b",

@@ -275,6 +275,8 @@ class DistillationSettings(TrainingSettings):
                                                "a cache_teacher_logits folder in place of the teacher")
     kd_ratio: float = setting(0.5, number(0, 1), "loss = (1 - kd_ratio) * CE + kd_ratio * KD")
     kd_loss: dict = setting(check=node(component=True), help="the divergence (forward_kl, jsd, ...)")
+    hidden_state_loss: dict | None = setting(None, node(component=True, optional=True),
+                                             "intermediate-layer loss (cosine, mse, normalized_mse); null: none")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,13 @@ from kdtune.losses.divergences import (
     TVDLoss,
 )
 from kdtune.losses.fused import DEFAULT_CHUNK_SIZE, FusedLinearKDLoss
+from kdtune.losses.hidden_states import (
+    CosineHiddenStateLoss,
+    HiddenStateLoss,
+    MSEHiddenStateLoss,
+    NormalizedMSEHiddenStateLoss,
+    uniform_layer_map,
+)
 from kdtune.losses.linear import FORMS, LinearCrossEntropyLoss, LinearKDLoss
 from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import TokenLoss, count_valid_tokens
@@ -18,13 +25,17 @@ from kdtune.losses.token_loss import TokenLoss, count_valid_tokens
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "FORMS",
+    "CosineHiddenStateLoss",
     "CrossEntropyLoss",
     "Divergence",
     "ForwardKLLoss",
     "FusedLinearKDLoss",
     "GeneralizedJSDLoss",
+    "HiddenStateLoss",
     "LinearCrossEntropyLoss",
     "LinearKDLoss",
+    "MSEHiddenStateLoss",
+    "NormalizedMSEHiddenStateLoss",
     "ReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",
@@ -32,4 +43,5 @@ __all__ = [
     "TeacherTopK",
     "TokenLoss",
     "count_valid_tokens",
+    "uniform_layer_map",
 ]

@@ -130,7 +130,8 @@ class TransformerDecoder(nn.Module):
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         return_hidden: bool = False,
-    ) -> torch.Tensor | list[torch.Tensor]:
+        return_layers: list[int] | tuple[int, ...] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor] | tuple:
         """Run the decoder on ``tokens`` ``[B, S]``.
 
         Args:
@@ -144,6 +145,9 @@ class TransformerDecoder(nn.Module):
                 generation gives each row its own positions.
             return_hidden: return the final-norm hidden states ``[B, S, d]`` instead of logits,
                 for losses that project through ``output_weight`` chunk by chunk.
+            return_layers: when given (a list, maybe empty), also return the residual stream after
+                each of these decoder layers (0-based; ``-1`` is the embeddings) as a list in this
+                order: ``(output, [h_i, ...])``. Only those are kept, with their autograd history.
 
         Returns:
             Logits ``[B, S, V]`` in the weights' dtype, a list of chunks of them when
@@ -163,17 +167,27 @@ class TransformerDecoder(nn.Module):
         h = self.embed_tokens(tokens)
         cos, sin = self.rope(input_pos, h.dtype)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        wanted = {i: None for i in return_layers or ()}
+        bad = [i for i in wanted if not -1 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"return_layers: {bad[0]} is not a layer of this {len(self.layers)}-layer model")
+        if -1 in wanted:
+            wanted[-1] = h
+        for i, layer in enumerate(self.layers):
             if recompute:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask)
+            if i in wanted:
+                wanted[i] = h
         h = self.norm(h)
         if return_hidden:
-            return h
-        if self.num_output_chunks:
-            return [self._project(chunk) for chunk in h.chunk(self.num_output_chunks, dim=1)]
-        return self._project(h)
+            out = h
+        elif self.num_output_chunks:
+            out = [self._project(chunk) for chunk in h.chunk(self.num_output_chunks, dim=1)]
+        else:
+            out = self._project(h)
+        return out if return_layers is None else (out, [wanted[i] for i in return_layers])
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         # Through the module when untied, so an adapter wrapped around lm_head takes part.

@@ -1,6 +1,6 @@
 """What a distillation run sets up before any weight loads: the tokenizer, the student's checkpoint,
 the teacher's (their vocabularies must agree with the tokenizer) or a teacher cache in its place,
-and the divergence."""
+the divergence, and the hidden-state loss with its layer map when the config asks for one."""
 
 from dataclasses import dataclass
 
@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from kdtune.checkpointing import HFCheckpointer, check_vocab_compatible
 from kdtune.config import instantiate
 from kdtune.errors import KDTuneError
-from kdtune.losses import Divergence
+from kdtune.losses import Divergence, HiddenStateLoss
 
 
 @dataclass
@@ -19,6 +19,7 @@ class DistillationParts:
     teacher_checkpointer: HFCheckpointer | None  # None when distilling from a teacher cache
     divergence: Divergence
     teacher_cache: str | None = None  # teacher_logits_cache: the cached top-k stand in for the teacher
+    hidden_state_loss: HiddenStateLoss | None = None  # with its projections, when the config has one
 
     @property
     def checkpointers(self) -> list[HFCheckpointer]:
@@ -40,5 +41,12 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
     teacher_checkpointer = None if cache else instantiate(cfg.teacher_checkpointer)
     vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir,
                                         (teacher_checkpointer or checkpointer).checkpoint_dir, tokenizer.vocab_size)
+    hidden = None
+    if cfg.get("hidden_state_loss") is not None:
+        if cache:
+            raise KDTuneError("hidden_state_loss: the teacher cache holds no hidden states; distill from the "
+                              "teacher itself (teacher_checkpointer) to match them")
+        hidden = instantiate(cfg.hidden_state_loss, student=checkpointer.model_args,
+                             teacher=teacher_checkpointer.model_args)
     return DistillationParts(tokenizer, checkpointer, teacher_checkpointer,
-                             instantiate(cfg.kd_loss, vocab_size=vocab_size), cache or None)
+                             instantiate(cfg.kd_loss, vocab_size=vocab_size), cache or None, hidden)

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -78,6 +79,9 @@ class FSDPDistribution(Distribution):
     def optimizer_state(self, model: nn.Module, optimizer) -> "ShardedOptimizerState":
         return ShardedOptimizerState(model, optimizer)
 
+    def module_state(self, module: nn.Module) -> "ShardedModuleState":
+        return ShardedModuleState(module)
+
     def rng_state(self) -> list:
         states = [None] * self.world_size
         dist.all_gather_object(states, get_rng_state())
@@ -111,6 +115,30 @@ class ShardedOptimizerState:
         shards = get_optimizer_state_dict(self.model, self.optimizer)
         dcp.load(shards, checkpoint_id=folder)
         set_optimizer_state_dict(self.model, self.optimizer, shards)
+
+
+class ShardedModuleState:
+    """A sharded module's weights as a stateful object: saved whole (gathered on every rank, so the
+    recipe state holds plain tensors) and loaded back into the shards."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True))
+
+
+def shard_module(module: nn.Module | None, run_dist: FSDPDistribution) -> nn.Module | None:
+    """A module trained beside the student (a hidden-state loss's projections) as one ``fully_shard``
+    unit, so its gradients are reduced over the ranks like the student's; None stays None."""
+    if module is None or not any(True for _ in module.parameters()):
+        return module
+    fully_shard(module.to(run_dist.device), mesh=run_dist.mesh,
+                mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    return module
 
 
 def shard(model: nn.Module, run_dist: FSDPDistribution, *, key: str) -> nn.Module:

@@ -37,6 +37,10 @@ class Distribution:
         """The optimizer as a stateful object for `TrainingState.register`; sharded runs wrap it."""
         return optimizer
 
+    def module_state(self, module: nn.Module):
+        """A module as a stateful object for `TrainingState.register`; sharded runs wrap it."""
+        return module
+
     def rng_state(self):
         return get_rng_state()
 
