@@ -81,10 +81,6 @@ class _Meta:
 
 def _hf_config(meta: _Meta, arch: str, tensors: dict, vocab_size: int) -> dict:
     hidden, heads = meta.need(f"{arch}.embedding_length"), meta.need(f"{arch}.attention.head_count")
-    scaling = meta.get(f"{arch}.rope.scaling.type")
-    if (scaling not in (None, "none")) or "rope_freqs.weight" in tensors:
-        raise KDTuneError(f"{meta.path}: rope scaling ({scaling or 'rope_freqs.weight'}) is not supported by "
-                          f"kdtune convert; convert the original Hugging Face checkpoint instead")
     config = {
         "architectures": [ARCHITECTURES[arch]], "model_type": arch, "hidden_size": hidden,
         "intermediate_size": meta.need(f"{arch}.feed_forward_length"),
@@ -136,7 +132,7 @@ def _tokenizer_files(meta: _Meta) -> tuple[dict, dict]:
                           f"(supported: {', '.join(_PRE_TOKENIZERS)})")
     tokens = meta.need("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
                                byte_fallback=False, ignore_merges=pre == "llama-bpe"))
     how, regex = _PRE_TOKENIZERS[pre]
@@ -188,7 +184,11 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
         raise KDTuneError(f"{path}: architecture '{arch}' is not supported by kdtune (supported: "
                           f"{', '.join(ARCHITECTURES)})")
     tensors = {t.name: t for t in reader.tensors}
-    unknown = sorted(name for name in tensors if _hf_name(name) is None and name != "rope_freqs.weight")
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none") or "rope_freqs.weight" in tensors:
+        raise KDTuneError(f"{path}: rope scaling ({scaling or 'rope_freqs.weight'}) is not supported by kdtune "
+                          f"convert; convert the original Hugging Face checkpoint instead")
+    unknown = sorted(name for name in tensors if _hf_name(name) is None)
     if unknown:
         raise KDTuneError(f"{path}: tensor '{unknown[0]}' has no Hugging Face counterpart for {arch}")
     tokenizer, tokenizer_config = _tokenizer_files(meta)
