@@ -1,13 +1,19 @@
 """Distillation step throughput and peak memory: fused vs chunked vs full-logits loss forms, and
-fused from a cached teacher's top-64 log-probabilities (``cached``).
+fused from a cached teacher's top-64 log-probabilities (``cached``), each against the machine's GEMM
+rate measured in the same run.
 
-A 4-layer teacher and a 2-layer student with the real Qwen2 vocabulary (151,936), random weights,
-one optimizer step = student forward + teacher forward + loss + backward + AdamW. ``cached`` never
-builds the teacher: each step reads the batch's rows from a cache shard (float16 values, 3-byte ids,
-memory-mapped) and collates them as training does. Each form runs in its own process so peak memory
-is its own; ratios are against the full-logits form of this run.
+Shapes (``--shape``): ``small``, a 4x512 teacher and a 2x256 student; ``qwen0.5b``, 2-layer slices of
+Qwen2-1.5B (teacher) and Qwen2-0.5B (student). Both with the real Qwen2 vocabulary (151,936), random
+weights; one optimizer step = student forward + teacher forward + loss + backward + AdamW on every
+student weight. ``cached`` never builds the teacher: each step reads the batch's rows from a cache
+shard (float16 values, 3-byte ids, memory-mapped) and collates them as training does. Each form runs
+in its own process so peak memory is its own; ratios are against the full-logits form of this run.
 
-    python scripts/bench_kd_step.py [--tokens 1024] [--steps 3] [--dtype fp32] [--forms full,chunked,fused,cached]
+The share of the GEMM rate counts the step's matmul FLOPs (linear layers, causal attention, output
+heads; the student's three times for forward and backward) over its time, against a torch.mm at the
+output head's shape. ``--breakdown`` adds where the fused step's time goes (torch.profiler).
+
+    python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--steps 3] [--dtype fp32] [--breakdown]
 """
 
 import argparse
@@ -22,12 +28,41 @@ import time
 VOCAB = 151_936
 
 
-def _args(hidden, layers, heads):
+SEQ = 512
+# (hidden, intermediate, layers, heads, kv heads) of the (teacher, student) of each shape.
+SHAPES = {"small": ((512, 2048, 4, 8, 4), (256, 1024, 2, 4, 2)),
+          "qwen0.5b": ((1536, 8960, 2, 12, 2), (896, 4864, 2, 14, 2))}
+
+
+def _args(hidden, intermediate, layers, heads, kv_heads):
     from kdtune.models.args import ModelArgs
 
-    return ModelArgs(model_type="qwen2", vocab_size=VOCAB, hidden_size=hidden, intermediate_size=4 * hidden,
-                     num_layers=layers, num_heads=heads, num_kv_heads=heads // 2, head_dim=hidden // heads,
+    return ModelArgs(model_type="qwen2", vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                     num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads,
                      norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, qkv_bias=True)
+
+
+def forward_flops(args, tokens: int) -> float:
+    """Matmul FLOPs of one forward over ``tokens`` (sequences of SEQ): linear layers, causal
+    attention (half the scores), the output head."""
+    kv = args.num_kv_heads * args.head_dim
+    linear = args.hidden_size * (2 * args.hidden_size + 2 * kv) + 3 * args.hidden_size * args.intermediate_size
+    attention = 2 * SEQ * args.hidden_size  # QK^T and AV, causal: S/2 keys per query, 2 FLOPs a multiply-add
+    return 2 * tokens * (args.num_layers * linear + args.vocab_size * args.hidden_size) + tokens * args.num_layers * attention
+
+
+def gemm_rate(dtype_name: str, d: int) -> float:
+    """FLOP/s of torch.mm at the output head's shape: [256, d] x [d, V]."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(256, d, dtype=dtype), torch.randn(d, VOCAB, dtype=dtype)
+    torch.mm(a, b)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 2.0:
+        torch.mm(a, b)
+        n += 1
+    return n * 2 * 256 * d * VOCAB / (time.perf_counter() - start)
 
 
 def _cached_batches(batch: dict, folder: str, k: int = 64):
@@ -57,7 +92,7 @@ def _cached_batches(batch: dict, folder: str, k: int = 64):
     return read
 
 
-def measure(form: str, tokens: int, steps: int, dtype_name: str) -> dict:
+def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, breakdown: bool = False) -> dict:
     import torch
 
     from kdtune.losses import ForwardKLLoss, LinearKDLoss
@@ -65,11 +100,11 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str) -> dict:
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    student = TransformerDecoder(_args(256, 2, 4)).to(dtype)
+    teacher_args, student_args = (_args(*dims) for dims in SHAPES[shape])
+    student = TransformerDecoder(student_args).to(dtype)
     cached = form == "cached"
-    teacher = None if cached else TransformerDecoder(_args(512, 4, 8)).to(dtype).requires_grad_(False).eval()
-    seq = 512
-    batch = {"tokens": torch.randint(0, VOCAB, (tokens // seq, seq))}
+    teacher = None if cached else TransformerDecoder(teacher_args).to(dtype).requires_grad_(False).eval()
+    batch = {"tokens": torch.randint(0, VOCAB, (tokens // SEQ, SEQ))}
     batch["labels"] = torch.roll(batch["tokens"], -1, dims=1)
     batch["labels"][:, -1] = -100
     kd_loss = LinearKDLoss(ForwardKLLoss(), form="fused" if cached else form, chunk_size=256)
@@ -77,56 +112,114 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str) -> dict:
     n = int((batch["labels"] != -100).sum())
     folder = tempfile.TemporaryDirectory()  # removed when the measurement ends
     next_batch = _cached_batches(batch, folder.name) if cached else lambda: batch
+    sections = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        sections[name] = sections.get(name, 0.0) + time.perf_counter() - start
+        return out
 
     def step():  # the KD recipe's step, one micro-batch
-        b = next_batch()
-        hidden = student(b["tokens"], return_hidden=True)
+        b = timed("data", next_batch)
+        hidden = timed("student forward", lambda: student(b["tokens"], return_hidden=True))
         if teacher is None:
             teacher_out, teacher_weight = b["teacher_topk"], None
         else:
             with torch.no_grad():
-                teacher_out, teacher_weight = teacher(b["tokens"], return_hidden=True), teacher.output_weight
-        ce, kd = kd_loss(hidden, student.output_weight, teacher_out, teacher_weight, b["labels"], kd_ratio=0.5,
-                         num_tokens=n)
-        (0.5 * ce + 0.5 * kd).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                teacher_out = timed("teacher forward", lambda: teacher(b["tokens"], return_hidden=True))
+            teacher_weight = teacher.output_weight
+        ce, kd = timed("loss (fused: heads, grads)", lambda: kd_loss(
+            hidden, student.output_weight, teacher_out, teacher_weight, b["labels"], kd_ratio=0.5, num_tokens=n))
+        timed("backward", lambda: (0.5 * ce + 0.5 * kd).backward())
+        timed("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
 
     step()  # warm-up: allocates the optimizer state and gradients, which every form needs alike
+    sections.clear()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - start) / steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"form": form, "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
-            "peak_rss_gib": peak / 2**20, "extra_gib": max(peak - base, 0) / 2**20}
+    flops = 3 * forward_flops(student_args, tokens) + (0 if cached else forward_flops(teacher_args, tokens))
+    result = {"form": form, "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
+              "flops_per_second": flops / seconds, "peak_rss_gib": peak / 2**20,
+              "extra_gib": max(peak - base, 0) / 2**20,
+              "sections": {k: v / steps for k, v in sections.items()}}
+    if breakdown:
+        result["kernels"] = _kernels(step)
+    return result
+
+
+def _kernels(step) -> dict:
+    """Seconds per step by kind of kernel (torch.profiler over one step): matmuls, element-wise and
+    reductions over the [chunk, vocab] logits and elsewhere, the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    kinds = {}
+    for event in prof.key_averages():
+        name = event.key
+        if name.startswith(("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
+                            "aten::_scaled_dot_product")):
+            kind = "matmuls (heads, layers, attention)"
+        elif name.startswith("aten::"):
+            kind = "element-wise and reductions"
+        else:
+            continue
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    return kinds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (multiple of 512)")
+    parser.add_argument("--shape", default="small", choices=list(SHAPES))
+    parser.add_argument("--tokens", type=int, default=1024, help=f"tokens per step (multiple of {SEQ})")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--forms", default="full,chunked,fused,cached")
+    parser.add_argument("--breakdown", action="store_true", help="where the fused step's time goes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.tokens, args.steps, args.dtype)))
+        print(json.dumps(measure(args.child, args.tokens, args.steps, args.dtype, args.shape,
+                                 args.breakdown and args.child == "fused")))
         return
+    if args.gemm:
+        print(json.dumps({"rate": gemm_rate(args.dtype, SHAPES[args.shape][1][0])}))
+        return
+    common = ["--tokens", str(args.tokens), "--steps", str(args.steps), "--dtype", args.dtype, "--shape", args.shape]
+    rate = json.loads(subprocess.run([sys.executable, __file__, "--gemm", *common], check=True, capture_output=True,
+                                     text=True).stdout.strip().splitlines()[-1])["rate"]
     rows = []
     for form in args.forms.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", form, "--tokens", str(args.tokens),
-                              "--steps", str(args.steps), "--dtype", args.dtype],
+        out = subprocess.run([sys.executable, __file__, "--child", form, *common,
+                              *(["--breakdown"] if args.breakdown else [])],
                              check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = next((r for r in rows if r["form"] == "full"), rows[0])
-    print(f"machine: {platform.processor() or platform.machine()}, {resource.getpagesize()}-byte pages, "
-          f"{args.tokens} tokens/step, {args.dtype}, teacher 4x512, student 2x256, vocab {VOCAB}")
-    print(f"{'form':<8} {'tokens/s':>9} {'s/step':>7} {'peak RSS GiB':>13} {'x full (tok/s)':>15} {'x full (peak)':>14}")
+    teacher, student = SHAPES[args.shape]
+    print(f"machine: {platform.processor() or platform.machine()}, {args.tokens} tokens/step, {args.dtype}, "
+          f"teacher {teacher[2]}x{teacher[0]}, student {student[2]}x{student[0]}, vocab {VOCAB}; "
+          f"GEMM rate at the student's head shape: {rate / 1e9:.0f} GFLOP/s")
+    print(f"{'form':<8} {'tokens/s':>9} {'s/step':>7} {'GFLOP/s':>8} {'GEMM share':>11} {'peak RSS GiB':>13} "
+          f"{'x full (tok/s)':>15} {'x full (peak)':>14}")
     for r in rows:
-        print(f"{r['form']:<8} {r['tokens_per_second']:>9.0f} {r['seconds_per_step']:>7.2f} {r['peak_rss_gib']:>13.2f} "
+        print(f"{r['form']:<8} {r['tokens_per_second']:>9.0f} {r['seconds_per_step']:>7.2f} "
+              f"{r['flops_per_second'] / 1e9:>8.0f} {r['flops_per_second'] / rate:>10.0%} {r['peak_rss_gib']:>13.2f} "
               f"{r['tokens_per_second'] / base['tokens_per_second']:>15.2f} {r['peak_rss_gib'] / base['peak_rss_gib']:>14.2f}")
+    fused = next((r for r in rows if r["form"] == "fused"), None)
+    if args.breakdown and fused:
+        total = fused["seconds_per_step"]
+        print(f"\nfused step, {total:.2f} s: by stage")
+        for name, seconds in fused["sections"].items():
+            print(f"  {name:<34} {seconds:>7.3f} s {seconds / total:>6.1%}")
+        print("fused step: by kind of kernel (torch.profiler, self time)")
+        for name, seconds in sorted(fused["kernels"].items(), key=lambda item: -item[1]):
+            print(f"  {name:<34} {seconds:>7.3f} s {seconds / total:>6.1%}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from kdtune.errors import KDTuneError
-from kdtune.losses.cross_entropy import CrossEntropyLoss
 from kdtune.losses.divergences import Divergence
 from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import upcast
@@ -51,7 +50,6 @@ class FusedLinearKDLoss(nn.Module):
             raise KDTuneError(f"loss chunk_size: expected a positive integer, got {chunk_size!r}")
         self.divergence = divergence
         self.ignore_index = divergence.ignore_index if divergence is not None else -100
-        self.cross_entropy = CrossEntropyLoss(ignore_index=self.ignore_index)
         self.chunk_size = chunk_size
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *, kd_ratio: float,
@@ -102,15 +100,38 @@ class FusedLinearKDLoss(nn.Module):
 
     def chunk_sums(self, logits: torch.Tensor, teacher, targets: torch.Tensor,
                    temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed CE and divergence of one chunk of valid tokens, from float32 student logits."""
-        ce = self.cross_entropy.token_values(logits, None, targets).sum()
+        """Summed CE and divergence of one chunk of valid tokens, from float32 student logits; the
+        student's log-softmax is computed once for both (a pass over ``[chunk, V]`` saved each way)."""
+        log_q = logits.log_softmax(-1)
+        ce = -log_q.gather(-1, targets[:, None]).sum()
         if teacher is None:
             return ce, torch.zeros_like(ce)
         if not isinstance(teacher, TeacherTopK):
             rows, weight = teacher
             with torch.no_grad():
                 teacher = upcast(rows @ weight.T)
-        return ce, self.divergence.token_values(logits, teacher, temperature=temperature).sum()
+        return ce, self.divergence.token_values(logits, teacher, temperature=temperature, student_log_probs=log_q).sum()
+
+    def chunk_sums_and_grad(self, logits: torch.Tensor, teacher, targets: torch.Tensor, temperature, ratio: float,
+                            normalizer: float):
+        """What `chunk_sums` gives, and the gradient of ``((1 - ratio) * ce + ratio * kd) / normalizer``
+        with respect to the logits, in closed form — for a dense teacher (or none) and a divergence
+        that has one (``sum_and_logit_grad``); None when autograd must do it."""
+        closed = getattr(self.divergence, "sum_and_logit_grad", None)
+        if isinstance(teacher, TeacherTopK) or (teacher is not None and closed is None):
+            return None
+        with torch.no_grad():
+            log_q = logits.log_softmax(-1)
+            q = log_q.exp()
+            ce = -log_q.gather(-1, targets[:, None]).sum()
+            grad = q * ((1 - ratio) / normalizer)  # CE's gradient: q - onehot(target)
+            grad.scatter_add_(-1, targets[:, None], grad.new_full((len(targets), 1), -(1 - ratio) / normalizer))
+            if teacher is None:
+                return ce, torch.zeros_like(ce), grad
+            rows, weight = teacher
+            kd, kd_grad = closed(logits, upcast(rows @ weight.T), temperature=temperature, student_log_probs=log_q,
+                                 student_probs=q)
+            return ce, kd, grad.add_(kd_grad, alpha=ratio / normalizer)
 
 
 def check_kd_ratio(kd_ratio) -> float:
@@ -134,13 +155,18 @@ class _FusedKD(torch.autograd.Function):
         for start in range(0, rows.shape[0], loss.chunk_size):
             part = slice(start, start + loss.chunk_size)
             chunk_teacher = _teacher_chunk(teacher, part)
-            with torch.enable_grad():
-                logits = upcast(rows[part] @ weight.T)
-                if grad_rows is not None or grad_weight is not None:
-                    logits.requires_grad_()
-                ce, kd = loss.chunk_sums(logits, chunk_teacher, targets[part], temperature)
-                if logits.requires_grad:
-                    (grad_logits,) = torch.autograd.grad(((1 - ratio) * ce + ratio * kd) / normalizer, logits)
+            logits = upcast(rows[part] @ weight.T)
+            wanted = grad_rows is not None or grad_weight is not None
+            closed = loss.chunk_sums_and_grad(logits, chunk_teacher, targets[part], temperature, ratio, normalizer) \
+                if wanted else None
+            if closed is not None:
+                ce, kd, grad_logits = closed
+            else:
+                with torch.enable_grad():
+                    logits.requires_grad_(wanted)
+                    ce, kd = loss.chunk_sums(logits, chunk_teacher, targets[part], temperature)
+                    if wanted:
+                        (grad_logits,) = torch.autograd.grad(((1 - ratio) * ce + ratio * kd) / normalizer, logits)
             ce_total, kd_total = ce_total + ce.detach(), kd_total + kd.detach()
             if grad_rows is not None:
                 torch.mm(grad_logits.to(weight.dtype), weight, out=grad_rows[part])

@@ -194,3 +194,23 @@ def test_teacher_gets_no_gradient():
     ReverseKLLoss()(student, teacher, labels).backward()
     assert teacher.grad is None and student.grad is not None
     assert math.isfinite(float(np.abs(student.grad.numpy()).sum()))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_kl_closed_form_gradient_matches_autograd(temperature, masked):
+    """The fused loss's closed form (q_T - p_T) / T against autograd through the per-token formula."""
+    student, teacher, _ = make_batch(dtype=torch.float64)
+    student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    if masked:  # entries the teacher rules out (p = 0) contribute nothing, not NaN
+        teacher[:, :3] = -math.inf
+    loss = ForwardKLLoss()
+    total, grad = loss.sum_and_logit_grad(student, teacher, temperature=temperature)
+    leaf = student.clone().requires_grad_()
+    expected = loss.token_values(leaf, teacher, temperature=temperature).sum()
+    (expected_grad,) = torch.autograd.grad(expected, leaf)
+    assert torch.isfinite(total)
+    torch.testing.assert_close(total, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    q_t = (student / temperature).softmax(-1)  # the textbook form, independently
+    torch.testing.assert_close(grad, (q_t - (teacher / temperature).softmax(-1)) / temperature, rtol=1e-12, atol=1e-12)

@@ -99,8 +99,8 @@ def test_without_gradients_no_gradient_is_computed():
     with torch.no_grad():
         without = fused(hidden, weight, t_hidden, t_weight, labels, kd_ratio=0.5, num_tokens=10)
     assert not any(t.requires_grad for t in without)
-    for a, b in zip(without, with_grad):
-        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    for a, b in zip(without, with_grad):  # autograd's path and the closed form's: the same up to rounding
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("form", FORMS)
