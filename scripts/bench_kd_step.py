@@ -6,12 +6,13 @@ Shapes (``--shape``): ``small``, a 4x512 teacher and a 2x256 student; ``qwen0.5b
 Qwen2-1.5B (teacher) and Qwen2-0.5B (student). Both with the real Qwen2 vocabulary (151,936), random
 weights; one optimizer step = student forward + teacher forward + loss + backward + AdamW on every
 student weight. ``cached`` never builds the teacher: each step reads the batch's rows from a cache
-shard (float16 values, 3-byte ids, memory-mapped) and collates them as training does. Each form runs
+shard (q8 storage, memory-mapped) and collates them as training does. Each form runs
 in its own process so peak memory is its own; ratios are against the full-logits form of this run.
 
-The share of the GEMM rate counts the step's matmul FLOPs (linear layers, causal attention, output
-heads; the student's three times for forward and backward) over its time, against a torch.mm at the
-output head's shape. ``--breakdown`` adds where the fused step's time goes (torch.profiler).
+The share of the GEMM rate is the time the step's matmul FLOPs (linear layers, causal attention,
+output heads; the student's three times for forward and backward) would take at the rate torch.mm
+reaches at each model's output-head shape, measured in the same run, over the step's time.
+``--breakdown`` adds where the fused step's time goes (torch.profiler).
 
     python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--steps 3] [--dtype fp32] [--breakdown]
 """
@@ -52,7 +53,7 @@ def forward_flops(args, tokens: int) -> float:
 
 
 def gemm_rate(dtype_name: str, d: int) -> float:
-    """FLOP/s of torch.mm at the output head's shape: [256, d] x [d, V]."""
+    """FLOP/s of torch.mm at an output head's shape: [256, d] x [d, V]."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -66,22 +67,23 @@ def gemm_rate(dtype_name: str, d: int) -> float:
 
 
 def _cached_batches(batch: dict, folder: str, k: int = 64):
-    """A cache shard holding top-k rows for the batch's trained positions, and a function that reads
-    and collates them per step the way distillation from a cache does."""
+    """A cache shard (the default q8 storage) holding top-k rows for the batch's trained positions,
+    and a function that reads and collates them per step the way distillation from a cache does."""
     from pathlib import Path
 
     import torch
 
-    from kdtune.offline import collate_with_teacher_topk, encode_ids, id_bytes
-    from kdtune.offline.shards import ShardReader, write_shard
+    from kdtune.offline import collate_with_teacher_topk
+    from kdtune.offline.shards import ShardReader, encode_rows, write_shard
 
     counts = (batch["labels"] != -100).sum(1).tolist()
     rows = sum(counts)
     # Distinct ids per row without a [rows, vocab] temporary; decreasing log-probabilities.
     ids = (torch.arange(rows)[:, None] * 7919 + torch.arange(k) * 2371) % VOCAB
     logprobs = torch.randn(rows, k + 1).log_softmax(-1)[:, :k].sort(-1, descending=True).values
-    write_shard(Path(folder) / "shard.safetensors", logprobs.half(), encode_ids(ids, id_bytes(VOCAB)))
-    reader, offsets = ShardReader(Path(folder)), [sum(counts[:i]) for i in range(len(counts))]
+    write_shard(Path(folder) / "shard.safetensors", encode_rows(logprobs, ids, "q8", VOCAB))
+    reader = ShardReader(Path(folder), storage="q8", top_k=k, vocab_size=VOCAB)
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
     samples = [{"tokens": t.tolist(), "labels": y.tolist()} for t, y in zip(batch["tokens"], batch["labels"])]
 
     def read():
@@ -142,9 +144,11 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
         step()
     seconds = (time.perf_counter() - start) / steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    flops = 3 * forward_flops(student_args, tokens) + (0 if cached else forward_flops(teacher_args, tokens))
+    student_flops = 3 * forward_flops(student_args, tokens)
+    teacher_flops = 0 if cached else forward_flops(teacher_args, tokens)
     result = {"form": form, "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
-              "flops_per_second": flops / seconds, "peak_rss_gib": peak / 2**20,
+              "flops_per_second": (student_flops + teacher_flops) / seconds,
+              "student_flops": student_flops, "teacher_flops": teacher_flops, "peak_rss_gib": peak / 2**20,
               "extra_gib": max(peak - base, 0) / 2**20,
               "sections": {k: v / steps for k, v in sections.items()}}
     if breakdown:
@@ -173,6 +177,13 @@ def _kernels(step) -> dict:
     return kinds
 
 
+def _share(result: dict, rates: dict) -> float:
+    """The time the step's matmuls would take at the measured GEMM rates (each model's at its own
+    head shape) over the step's time: 100% is a step as fast as its matmuls alone."""
+    ideal = result["student_flops"] / rates["student"] + result["teacher_flops"] / rates["teacher"]
+    return ideal / result["seconds_per_step"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="small", choices=list(SHAPES))
@@ -189,11 +200,12 @@ def main() -> None:
                                  args.breakdown and args.child == "fused")))
         return
     if args.gemm:
-        print(json.dumps({"rate": gemm_rate(args.dtype, SHAPES[args.shape][1][0])}))
+        teacher, student = SHAPES[args.shape]
+        print(json.dumps({"student": gemm_rate(args.dtype, student[0]), "teacher": gemm_rate(args.dtype, teacher[0])}))
         return
     common = ["--tokens", str(args.tokens), "--steps", str(args.steps), "--dtype", args.dtype, "--shape", args.shape]
-    rate = json.loads(subprocess.run([sys.executable, __file__, "--gemm", *common], check=True, capture_output=True,
-                                     text=True).stdout.strip().splitlines()[-1])["rate"]
+    rates = json.loads(subprocess.run([sys.executable, __file__, "--gemm", *common], check=True, capture_output=True,
+                                      text=True).stdout.strip().splitlines()[-1])
     rows = []
     for form in args.forms.split(","):
         out = subprocess.run([sys.executable, __file__, "--child", form, *common,
@@ -204,12 +216,12 @@ def main() -> None:
     teacher, student = SHAPES[args.shape]
     print(f"machine: {platform.processor() or platform.machine()}, {args.tokens} tokens/step, {args.dtype}, "
           f"teacher {teacher[2]}x{teacher[0]}, student {student[2]}x{student[0]}, vocab {VOCAB}; "
-          f"GEMM rate at the student's head shape: {rate / 1e9:.0f} GFLOP/s")
+          f"GEMM rate at the heads' shapes: student {rates['student'] / 1e9:.0f}, teacher {rates['teacher'] / 1e9:.0f} GFLOP/s")
     print(f"{'form':<8} {'tokens/s':>9} {'s/step':>7} {'GFLOP/s':>8} {'GEMM share':>11} {'peak RSS GiB':>13} "
           f"{'x full (tok/s)':>15} {'x full (peak)':>14}")
     for r in rows:
         print(f"{r['form']:<8} {r['tokens_per_second']:>9.0f} {r['seconds_per_step']:>7.2f} "
-              f"{r['flops_per_second'] / 1e9:>8.0f} {r['flops_per_second'] / rate:>10.0%} {r['peak_rss_gib']:>13.2f} "
+              f"{r['flops_per_second'] / 1e9:>8.0f} {_share(r, rates):>10.0%} {r['peak_rss_gib']:>13.2f} "
               f"{r['tokens_per_second'] / base['tokens_per_second']:>15.2f} {r['peak_rss_gib'] / base['peak_rss_gib']:>14.2f}")
     fused = next((r for r in rows if r["form"] == "fused"), None)
     if args.breakdown and fused:

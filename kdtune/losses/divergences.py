@@ -15,12 +15,13 @@ import torch
 
 from kdtune.errors import KDTuneError
 from kdtune.losses.sparse import TeacherTopK
+from kdtune.losses.numerics import probabilities
 from kdtune.losses.token_loss import TokenLoss, upcast
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) per row; terms where a = 0 are 0 (masked before the product, so no 0·inf NaN)."""
-    a = log_a.exp()
+    a = probabilities(log_a)
     return (a * (log_a - log_b).masked_fill(a == 0, 0.0)).sum(-1)
 
 
@@ -34,7 +35,7 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor
         return log_b
     if w == 1:
         return log_a
-    mix = w * log_a.exp() + (1 - w) * log_b.exp()
+    mix = w * probabilities(log_a) + (1 - w) * probabilities(log_b)
     return mix.clamp_min(torch.finfo(mix.dtype).tiny).log()
 
 
@@ -100,10 +101,10 @@ class ForwardKLLoss(Divergence):
         if t == 1 and student_log_probs is not None:
             log_q, q = student_log_probs, student_probs
         else:
-            log_q = _scale(student_logits, t).log_softmax(-1)
-            q = log_q.exp()
-        log_p = _scale(teacher_logits.detach(), t).log_softmax(-1)
-        p = log_p.exp()
+            scaled = _scale(student_logits, t)
+            log_q, q = scaled.log_softmax(-1), scaled.softmax(-1)
+        scaled = _scale(teacher_logits.detach(), t)
+        log_p, p = scaled.log_softmax(-1), scaled.softmax(-1)  # softmax, not exp(log_p): see `probabilities`
         total = (p * (log_p - log_q)).nansum()  # entries with p = 0 are 0·(−inf): they count 0
         return total, (q - p).div_(t)
 
@@ -162,4 +163,4 @@ class TVDLoss(Divergence):
     """Total variation distance 0.5·Σ |p − q|."""
 
     def per_token(self, log_q, log_p):
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+        return 0.5 * (probabilities(log_p) - probabilities(log_q)).abs().sum(-1)

@@ -1,10 +1,11 @@
 """Cross-entropy and a divergence, fused with both models' output projections.
 
 At a 150k vocabulary the ``[N, V]`` logits are the largest tensors of a distillation step. Here
-the logits of one chunk of tokens exist at a time: each chunk's loss is computed and differentiated
-at once (through the divergence's own ``per_token``), its logit gradient is folded into the
-gradients for the student's hidden states and output weight, and the chunk is dropped. Backward
-then only scales those stored gradients.
+the logits of one chunk of tokens exist at a time: one GEMM per model makes them, the loss and its
+logit gradient are computed a few rows at a time while those rows are in cache (in closed form for
+cross-entropy and forward KL, through the divergence's own ``per_token`` and autograd otherwise),
+the gradient is folded into those of the student's hidden states and output weight, and the chunk
+is dropped. Backward then only scales the stored gradients.
 """
 
 import math
@@ -98,40 +99,44 @@ class FusedLinearKDLoss(nn.Module):
             return 1.0
         return float(count)
 
-    def chunk_sums(self, logits: torch.Tensor, teacher, targets: torch.Tensor,
-                   temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed CE and divergence of one chunk of valid tokens, from float32 student logits; the
-        student's log-softmax is computed once for both (a pass over ``[chunk, V]`` saved each way)."""
+    def block_sums(self, logits: torch.Tensor, teacher, targets: torch.Tensor, temperature: float | None = None):
+        """Summed CE and divergence of a block of valid tokens, from float32 student logits and the
+        teacher's (float32 logits, a :class:`TeacherTopK`, or None); the student's log-softmax is
+        computed once for both."""
         log_q = logits.log_softmax(-1)
         ce = -log_q.gather(-1, targets[:, None]).sum()
         if teacher is None:
             return ce, torch.zeros_like(ce)
-        if not isinstance(teacher, TeacherTopK):
-            rows, weight = teacher
-            with torch.no_grad():
-                teacher = upcast(rows @ weight.T)
         return ce, self.divergence.token_values(logits, teacher, temperature=temperature, student_log_probs=log_q).sum()
 
-    def chunk_sums_and_grad(self, logits: torch.Tensor, teacher, targets: torch.Tensor, temperature, ratio: float,
-                            normalizer: float):
-        """What `chunk_sums` gives, and the gradient of ``((1 - ratio) * ce + ratio * kd) / normalizer``
-        with respect to the logits, in closed form — for a dense teacher (or none) and a divergence
-        that has one (``sum_and_logit_grad``); None when autograd must do it."""
+    def block_sums_and_grad(self, logits: torch.Tensor, teacher, targets: torch.Tensor, temperature,
+                            ratio: float, normalizer: float):
+        """What `block_sums` gives, and the gradient of ``((1 - ratio) * ce + ratio * kd) / normalizer``
+        with respect to the logits: in closed form for a dense teacher (or none) and a divergence that
+        has one (``sum_and_logit_grad``), by autograd otherwise."""
         closed = getattr(self.divergence, "sum_and_logit_grad", None)
         if isinstance(teacher, TeacherTopK) or (teacher is not None and closed is None):
-            return None
-        with torch.no_grad():
-            log_q = logits.log_softmax(-1)
-            q = log_q.exp()
-            ce = -log_q.gather(-1, targets[:, None]).sum()
-            grad = q * ((1 - ratio) / normalizer)  # CE's gradient: q - onehot(target)
-            grad.scatter_add_(-1, targets[:, None], grad.new_full((len(targets), 1), -(1 - ratio) / normalizer))
-            if teacher is None:
-                return ce, torch.zeros_like(ce), grad
-            rows, weight = teacher
-            kd, kd_grad = closed(logits, upcast(rows @ weight.T), temperature=temperature, student_log_probs=log_q,
-                                 student_probs=q)
-            return ce, kd, grad.add_(kd_grad, alpha=ratio / normalizer)
+            with torch.enable_grad():
+                logits = logits.detach().requires_grad_()
+                ce, kd = self.block_sums(logits, teacher, targets, temperature)
+                (grad,) = torch.autograd.grad(((1 - ratio) * ce + ratio * kd) / normalizer, logits)
+            return ce.detach(), kd.detach(), grad
+        # softmax, not log_q.exp(): see `probabilities` (log-probabilities below -87 are common)
+        log_q, q = logits.log_softmax(-1), logits.softmax(-1)
+        ce = -log_q.gather(-1, targets[:, None]).sum()
+        grad = q * ((1 - ratio) / normalizer)  # CE's gradient: q - onehot(target)
+        grad.scatter_add_(-1, targets[:, None], grad.new_full((len(targets), 1), -(1 - ratio) / normalizer))
+        if teacher is None:
+            return ce, torch.zeros_like(ce), grad
+        kd, kd_grad = closed(logits, teacher, temperature=temperature, student_log_probs=log_q, student_probs=q)
+        return ce, kd, grad.add_(kd_grad, alpha=ratio / normalizer)
+
+
+def block_rows(vocab: int) -> int:
+    """Rows of float32 ``[rows, V]`` logits the loss works on at a time: about 2.5 MB, so that the
+    dozen element-wise passes of the loss and its gradient run in cache rather than from memory
+    (on a 2-core EPYC with 2 MB of L2 per core, 7x faster at V = 152k than whole 256-row chunks)."""
+    return max(1, (5 << 19) // (4 * vocab))
 
 
 def check_kd_ratio(kd_ratio) -> float:
@@ -152,26 +157,29 @@ class _FusedKD(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=upcast(weight).dtype, device=weight.device) \
             if grad_enabled and ctx.needs_input_grad[1] else None
         ce_total = kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        wanted = grad_rows is not None or grad_weight is not None
+        step = block_rows(weight.shape[0])
         for start in range(0, rows.shape[0], loss.chunk_size):
             part = slice(start, start + loss.chunk_size)
-            chunk_teacher = _teacher_chunk(teacher, part)
-            logits = upcast(rows[part] @ weight.T)
-            wanted = grad_rows is not None or grad_weight is not None
-            closed = loss.chunk_sums_and_grad(logits, chunk_teacher, targets[part], temperature, ratio, normalizer) \
-                if wanted else None
-            if closed is not None:
-                ce, kd, grad_logits = closed
-            else:
-                with torch.enable_grad():
-                    logits.requires_grad_(wanted)
-                    ce, kd = loss.chunk_sums(logits, chunk_teacher, targets[part], temperature)
-                    if wanted:
-                        (grad_logits,) = torch.autograd.grad(((1 - ratio) * ce + ratio * kd) / normalizer, logits)
-            ce_total, kd_total = ce_total + ce.detach(), kd_total + kd.detach()
+            logits = rows[part] @ weight.T  # the chunk's head GEMM, in the weights' dtype
+            teacher_logits = _teacher_chunk(teacher, part)
+            grad_logits = torch.empty_like(logits) if wanted else None
+            for first in range(0, logits.shape[0], step):
+                block = slice(first, first + step)
+                block_logits, block_teacher = upcast(logits[block]), _teacher_block(teacher_logits, block)
+                if wanted:
+                    ce, kd, grad_logits[block] = loss.block_sums_and_grad(
+                        block_logits, block_teacher, targets[part][block], temperature, ratio, normalizer)
+                else:
+                    ce, kd = loss.block_sums(block_logits, block_teacher, targets[part][block], temperature)
+                ce_total, kd_total = ce_total + ce, kd_total + kd
             if grad_rows is not None:
-                torch.mm(grad_logits.to(weight.dtype), weight, out=grad_rows[part])
+                torch.mm(grad_logits, weight, out=grad_rows[part])
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, rows[part].to(grad_weight.dtype))
+                if grad_weight.dtype == weight.dtype:
+                    grad_weight.addmm_(grad_logits.T, rows[part])
+                else:  # a low-precision GEMM per chunk, summed in float32 across chunks
+                    grad_weight.add_(grad_logits.T @ rows[part])
         if grad_rows is not None:
             ctx.grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
         ctx.grad_weight, ctx.weight_dtype, ctx.ratio = grad_weight, weight.dtype, ratio
@@ -203,9 +211,15 @@ def _mix_scale(grad_ce: float, grad_kd: float, ratio: float) -> float:
 
 
 def _teacher_chunk(teacher, part: slice):
-    if teacher is None:
-        return None
-    if isinstance(teacher, TeacherTopK):
-        return teacher.rows(part)
+    """The teacher of a chunk of rows: its logits (the teacher's head GEMM, in its weights' dtype),
+    its top-k rows, or None."""
+    if teacher is None or isinstance(teacher, TeacherTopK):
+        return teacher if teacher is None else teacher.rows(part)
     rows, weight = teacher
-    return rows[part], weight
+    return rows[part] @ weight.T
+
+
+def _teacher_block(teacher, block: slice):
+    if teacher is None or isinstance(teacher, TeacherTopK):
+        return teacher if teacher is None else teacher.rows(block)
+    return upcast(teacher[block])

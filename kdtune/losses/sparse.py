@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kdtune.losses.numerics import probabilities
+
 
 @dataclass(frozen=True)
 class TeacherTopK:
@@ -42,7 +44,7 @@ class TeacherTopK:
         """Student and teacher log-probabilities ``[N, k + 1]`` over the ids plus the tail bucket."""
         log_p = self.logprobs.detach().to(log_q.dtype)
         log_q_top = log_q.gather(-1, self.ids)
-        q_tail = log_q.exp().scatter(-1, self.ids, 0.0).sum(-1, keepdim=True)
+        q_tail = probabilities(log_q).scatter(-1, self.ids, 0.0).sum(-1, keepdim=True)
         p_tail = torch.expm1(log_p.logsumexp(-1, keepdim=True)).neg().clamp_min(0.0)
         empty = q_tail == 0
         # The clamp keeps log's gradient finite where the bucket is empty (then masked to -inf).

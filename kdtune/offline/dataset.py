@@ -33,7 +33,8 @@ class CachedTeacherDataset:
                               f"cache_teacher_logits with the same config to finish it")
         check_matches(index, self.folder, tokenizer=tokenizer, dataset=dataset, temperature=temperature)
         self.dataset, self._shards, self._samples = dataset, index["shards"], index["samples"]
-        self._reader = ShardReader(self.folder)
+        self._reader = ShardReader(self.folder, storage=index["logprob_dtype"], top_k=index["top_k"],
+                                   vocab_size=index["vocab_size"])
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -1,11 +1,15 @@
 """The shard files of a teacher cache: how top-k rows are stored, written atomically and read back.
 
-A shard is one safetensors file holding the rows of a run of consecutive samples:
-``logprobs [rows, k]`` and ``ids [rows, k, id_bytes]``. Log-probabilities are float16 by default,
-rounded toward -inf so that the stored probabilities of a row never sum to more than the true ones
-(the loss's tail bucket, 1 − Σ p, stays non-negative); float32 keeps them exact. Ids are stored as
-little-endian uint8 bytes, as few as the vocabulary needs: 2 up to 65,536 tokens, 3 up to 16.7M
-(Qwen's 151,665 and Llama 3's 128,256). At k = 64 a 150k-vocabulary token costs 64 × (2 + 3) = 320 bytes.
+A shard is one safetensors file holding the rows of a run of consecutive samples, in one of three
+storages (the index's ``logprob_dtype``):
+
+- ``q8`` (the default): ``mass [rows]``, ``span [rows]``, ``codes [rows, (k + 255) / 8]`` and
+  ``ids [rows, k * id_bits / 8]``, described in `kdtune.offline.packing`: 192 bytes a token at
+  k = 64 and a 152k vocabulary, each log-probability within 1/127 of its row's span of the true one.
+- ``fp16``: ``logprobs [rows, k]`` rounded toward -inf, so that the stored probabilities of a row
+  never sum to more than the true ones, and ``ids [rows, k, id_bytes]`` as little-endian bytes, as
+  few as the vocabulary needs (3 for 152k tokens): 320 bytes a token at k = 64.
+- ``fp32``: the same with exact float32 log-probabilities, 448 bytes a token.
 """
 
 import os
@@ -15,7 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kdtune.offline.packing import dequantize, id_bits, pack_ids, quantize, unpack_ids
+
 LOGPROB_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+STORAGES = ("q8", *LOGPROB_DTYPES)
 
 
 def id_bytes(vocab_size: int) -> int:
@@ -45,10 +52,19 @@ def store_logprobs(logprobs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(above, torch.nextafter(stored, torch.full_like(stored, float("-inf"))), stored)
 
 
-def write_shard(path: Path, logprobs: torch.Tensor, ids: torch.Tensor) -> None:
+def encode_rows(logprobs: torch.Tensor, ids: torch.Tensor, storage: str, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Float32 top-k log-probabilities (sorted, decreasing) and their ids ``[N, k]`` → the tensors
+    ``storage`` keeps of them, each with one leading row per token."""
+    if storage == "q8":
+        mass, span, codes = quantize(logprobs)
+        return {"mass": mass, "span": span, "codes": codes, "ids": pack_ids(ids, id_bits(vocab_size))}
+    return {"logprobs": store_logprobs(logprobs, LOGPROB_DTYPES[storage]), "ids": encode_ids(ids, id_bytes(vocab_size))}
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write a shard so that it exists complete or not at all (a killed run leaves only a ``.tmp``)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"logprobs": logprobs.contiguous(), "ids": ids.contiguous()}, tmp)
+    save_file({name: t.contiguous() for name, t in tensors.items()}, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -57,14 +73,18 @@ def write_shard(path: Path, logprobs: torch.Tensor, ids: torch.Tensor) -> None:
 class ShardReader:
     """Row ranges of a cache's shards, read lazily through memory maps (opened on first use)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, *, storage: str, top_k: int, vocab_size: int):
+        self.folder, self.storage, self.k, self.vocab_size = folder, storage, top_k, vocab_size
         self._open: dict[str, object] = {}
 
     def rows(self, shard: str, offset: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored log-probabilities ``[count, k]`` and decoded ids ``[count, k]`` (int64)."""
+        """Log-probabilities ``[count, k]`` (float32 for q8, else as stored) and ids ``[count, k]`` (int64)."""
         if shard not in self._open:
             self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
         f = self._open[shard]
         rows = slice(offset, offset + count)
-        return f.get_slice("logprobs")[rows], decode_ids(f.get_slice("ids")[rows])
+        read = lambda name: f.get_slice(name)[rows]  # noqa: E731
+        if self.storage == "q8":
+            return (dequantize(read("mass"), read("span"), read("codes"), self.k),
+                    unpack_ids(read("ids"), self.k, id_bits(self.vocab_size)))
+        return read("logprobs"), decode_ids(read("ids"))

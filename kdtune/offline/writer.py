@@ -15,7 +15,7 @@ from kdtune.datasets import IGNORE_INDEX, collate
 from kdtune.errors import KDTuneError
 from kdtune.losses.token_loss import upcast
 from kdtune.offline.index import build_index, differences, read_index, summarize_dataset, write_index
-from kdtune.offline.shards import LOGPROB_DTYPES, encode_ids, id_bytes, store_logprobs, write_shard
+from kdtune.offline.shards import STORAGES, encode_rows, id_bytes, write_shard
 
 ROWS_PER_CHUNK = 1024  # positions projected onto the vocabulary at once: 1024 × 152k float32 is 0.6 GB
 
@@ -44,8 +44,8 @@ class CacheWriter:
 
     def __init__(self, folder, dataset, tokenizer, *, top_k: int, temperature: float, logprob_dtype: str,
                  samples_per_shard: int, teacher: dict):
-        if logprob_dtype not in LOGPROB_DTYPES:
-            raise KDTuneError(f"logprob_dtype: expected one of {', '.join(LOGPROB_DTYPES)}, got '{logprob_dtype}'")
+        if logprob_dtype not in STORAGES:
+            raise KDTuneError(f"logprob_dtype: expected one of {', '.join(STORAGES)}, got '{logprob_dtype}'")
         if not 0 < top_k <= tokenizer.vocab_size:
             raise KDTuneError(f"top_k: expected 1 to the vocabulary size {tokenizer.vocab_size}, got {top_k}")
         if not temperature > 0:
@@ -98,17 +98,17 @@ class CacheWriter:
         per_shard, samples = self.index["samples_per_shard"], self.index["samples"]
         members = range(shard * per_shard, min((shard + 1) * per_shard, len(samples)))
         rows, k = sum(samples[i][2] for i in members), self.index["top_k"]
-        logprobs = torch.empty(rows, k, dtype=LOGPROB_DTYPES[self.index["logprob_dtype"]])
-        ids = torch.empty(rows, k, self.index["id_bytes"], dtype=torch.uint8)
+        stored: dict[str, torch.Tensor] = {}  # each storage tensor, one leading row per token
         order = sorted(members, key=lambda i: self.summary.lengths[i])
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             batch = {key: v.to(device) for key, v in collate([self.dataset[i] for i in chosen], pad_id).items()}
             values, top_ids = teacher_topk(teacher, batch, weight, k, self.index["temperature"])
-            values, top_ids = store_logprobs(values.cpu(), logprobs.dtype), encode_ids(top_ids.cpu(), ids.shape[-1])
+            encoded = encode_rows(values.cpu(), top_ids.cpu(), self.index["logprob_dtype"], self.index["vocab_size"])
             counts = [samples[i][2] for i in chosen]
-            for i, v, t in zip(chosen, values.split(counts), top_ids.split(counts)):
-                logprobs[samples[i][1]:samples[i][1] + len(v)] = v
-                ids[samples[i][1]:samples[i][1] + len(t)] = t
+            for name, tensor in encoded.items():
+                target = stored.setdefault(name, tensor.new_empty((rows, *tensor.shape[1:])))
+                for i, part in zip(chosen, tensor.split(counts)):
+                    target[samples[i][1]:samples[i][1] + len(part)] = part
             bar.update(sum(self.summary.lengths[i] for i in chosen))
-        write_shard(self.folder / self.index["shards"][shard], logprobs, ids)
+        write_shard(self.folder / self.index["shards"][shard], stored)

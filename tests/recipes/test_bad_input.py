@@ -135,7 +135,7 @@ CASES = [
     ("generate_temperature_negative", "generate", ["temperature=-1"], "temperature: expected a number >= 0"),
     ("generate_two_prompt_kinds", "generate", ["messages_file={chats}"], "set exactly one of them"),
     ("cache_top_k_zero", "cache", ["top_k=0"], "top_k: expected a positive integer"),
-    ("cache_logprob_dtype", "cache", ["logprob_dtype=int8"], "logprob_dtype: expected one of fp16, fp32"),
+    ("cache_logprob_dtype", "cache", ["logprob_dtype=int8"], "logprob_dtype: expected one of q8, fp16, fp32"),
     ("cache_batch_size_zero", "cache", ["batch_size=0"], "batch_size"),
     ("eval_batch_size_zero", "eval", ["batch_size=0"], "batch_size"),
     ("eval_limit_negative", "eval", ["limit=-1"], "limit: expected a number > 0 or null"),
