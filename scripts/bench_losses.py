@@ -3,8 +3,9 @@
 Each (form, token count, weight mode) runs in its own subprocess, so peak memory is that form's
 alone: peak RSS growth over the state after setup on CPU (the kernel's VmHWM, reset after setup
 and after returning freed memory to the system),
-``torch.cuda.max_memory_allocated`` growth on CUDA. Time is one forward+backward after a small
-warm-up. Ratios are against the full-logits form measured in the same run.
+``torch.cuda.max_memory_allocated`` growth on CUDA, the larger of the two calls'. Time is one
+forward+backward, cold (the process's first call) and warm (its second). Ratios are against the
+full-logits form measured in the same run.
 
 The student head is Qwen2-0.5B's (V = 151,936, hidden 896), the teacher's Qwen2-1.5B's (hidden
 1536), all bf16. "frozen" leaves the student's output weight without gradient (LoRA), "trainable"
@@ -28,6 +29,7 @@ import time
 import torch
 
 from kdtune.losses import CrossEntropyLoss, FusedLinearKDLoss
+from kdtune.losses.fused import DEFAULT_CHUNK_SIZE
 from kdtune.losses.divergences import ForwardKLLoss, GeneralizedJSDLoss, ReverseKLLoss, TVDLoss
 
 VOCAB, D_STUDENT, D_TEACHER = 151_936, 896, 1536
@@ -54,8 +56,9 @@ def make_inputs(tokens: int, trainable: bool, device: str) -> dict:
 def step(form: str, x: dict, divergence, chunk_size: int) -> None:
     """One forward+backward of ``0.5 * CE + 0.5 * KD`` from hidden states."""
     if form == "fused":
-        fused = FusedLinearKDLoss(divergence, kd_ratio=0.5, chunk_size=chunk_size)
-        fused(x["hidden"], x["weight"], x["t_hidden"], x["t_weight"], x["labels"])[0].backward()
+        fused = FusedLinearKDLoss(divergence, chunk_size=chunk_size)
+        ce, kd = fused(x["hidden"], x["weight"], x["t_hidden"], x["t_weight"], x["labels"], kd_ratio=0.5)
+        (0.5 * ce + 0.5 * kd).backward()
         return
     split = -(-x["hidden"].shape[1] // OUTPUT_CHUNKS)
     if form in ("full", "trl"):
@@ -85,7 +88,7 @@ def peak_reset(device: str) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give the warm-up's freed memory back, so it is not reused unseen
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give the previous call's freed memory back, so it is not reused unseen
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")
     return _vm("VmHWM")
@@ -105,19 +108,22 @@ def _vm(field: str) -> int:
 
 
 def worker(args) -> None:
+    """Two forward+backward passes in a fresh process: cold (the first call: allocations, first
+    touches of memory, one-time setup) and warm (the second), each with its peak memory growth."""
     divergence = DIVERGENCES[args.divergence]()
-    tokens = args.tokens[0]
-    x = make_inputs(tokens, args.weights[0] == "trainable", args.device)
-    warm = {k: v[:, :64] if k in ("hidden", "t_hidden", "labels") else v for k, v in x.items()}
-    step(args.form, warm, divergence, args.chunk_size)
-    x["hidden"].grad = x["weight"].grad = None
-    base = peak_reset(args.device)
-    start = time.perf_counter()
-    step(args.form, x, divergence, args.chunk_size)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_extra": peak_read(args.device) - base}))
+    x = make_inputs(args.tokens[0], args.weights[0] == "trainable", args.device)
+    result = {}
+    for call in ("cold", "warm"):
+        x["hidden"].grad = x["weight"].grad = None
+        base = peak_reset(args.device)
+        start = time.perf_counter()
+        step(args.form, x, divergence, args.chunk_size)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        result[call] = time.perf_counter() - start
+        result[f"{call}_peak_extra"] = peak_read(args.device) - base
+    result["peak_extra"] = max(result["cold_peak_extra"], result["warm_peak_extra"])
+    print(json.dumps(result))
 
 
 def importable(name: str) -> bool:
@@ -150,7 +156,7 @@ def main() -> None:
     p.add_argument("--weights", nargs="+", choices=["frozen", "trainable"], default=["frozen"])
     p.add_argument("--forms", nargs="+", choices=FORMS, default=FORMS)
     p.add_argument("--divergence", choices=sorted(DIVERGENCES), default="forward_kl")
-    p.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk of the fused form")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per chunk of the fused form")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker", choices=FORMS, dest="form", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -161,8 +167,9 @@ def main() -> None:
     print(f"# torch {torch.__version__}, device {args.device}"
           f" ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{cpu}, {os.cpu_count()} cores'}),"
           f" divergence {args.divergence}, fused chunk_size {args.chunk_size}, {OUTPUT_CHUNKS} output chunks")
-    print("| tokens | student weight | form | fwd+bwd s | time vs full | peak extra GiB | memory vs full |")
-    print("|---:|---|---|---:|---:|---:|---:|")
+    print("| tokens | student weight | form | cold s | warm s | cold vs full | warm vs full | peak extra GiB "
+          "| memory vs full |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     notes = []
     per_token = {}  # (weights, form) -> peak bytes per token measured at the first size
     for tokens in args.tokens:
@@ -177,20 +184,19 @@ def main() -> None:
                 need = per_token.get((weights, form), 0) * tokens if form != "fused" else 0
                 free = available_memory(args.device)
                 if need > 0.8 * free:
-                    print(f"| {tokens} | {weights} | {form} | — | — | — | — |  skipped: needs ~{need / GiB:.0f} GiB,"
+                    print(f"| {tokens} | {weights} | {form} | — | — | — | — | — | — |  skipped: needs ~{need / GiB:.0f} GiB,"
                           f" {free / GiB:.0f} GiB available")
                     continue
                 r = run(form, tokens, weights, args)
                 if "note" in r:
-                    print(f"| {tokens} | {weights} | {form} | — | — | — | — | {r['note']}")
+                    print(f"| {tokens} | {weights} | {form} | — | — | — | — | — | — | {r['note']}")
                     continue
                 per_token.setdefault((weights, form), r["peak_extra"] / tokens)
                 if form == "full":
                     baseline = r
-                ratio_t = f"{r['seconds'] / baseline['seconds']:.2f}x" if baseline else "—"
-                ratio_m = f"{r['peak_extra'] / baseline['peak_extra']:.3f}x" if baseline else "—"
-                print(f"| {tokens} | {weights} | {form} | {r['seconds']:.1f} | {ratio_t} |"
-                      f" {r['peak_extra'] / GiB:.2f} | {ratio_m} |", flush=True)
+                ratio = lambda key, digits=2: f"{r[key] / baseline[key]:.{digits}f}x" if baseline else "—"  # noqa: E731
+                print(f"| {tokens} | {weights} | {form} | {r['cold']:.2f} | {r['warm']:.2f} | {ratio('cold')} |"
+                      f" {ratio('warm')} | {r['peak_extra'] / GiB:.2f} | {ratio('peak_extra', 3)} |", flush=True)
     for note in notes:
         print(f"\nNote: {note}.")
 

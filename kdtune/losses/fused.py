@@ -174,11 +174,11 @@ class _FusedKD(torch.autograd.Function):
                     ce, kd = loss.block_sums(block_logits, block_teacher, targets[part][block], temperature)
                 ce_total, kd_total = ce_total + ce, kd_total + kd
             if grad_rows is not None:
-                torch.mm(grad_logits, weight, out=grad_rows[part])
+                grad_rows[part] = grad_logits @ weight
             if grad_weight is not None:
-                if grad_weight.dtype == weight.dtype:
+                if grad_logits.dtype == grad_weight.dtype == rows.dtype:
                     grad_weight.addmm_(grad_logits.T, rows[part])
-                else:  # a low-precision GEMM per chunk, summed in float32 across chunks
+                else:  # a low-precision GEMM per chunk (bf16 weights or autocast), summed in float32
                     grad_weight.add_(grad_logits.T @ rows[part])
         if grad_rows is not None:
             ctx.grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)

@@ -1,6 +1,8 @@
 """Greedy generation with and without the KV cache against transformers, stopping, padding, the
 training view of the output, and what generate leaves behind in the model."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +182,17 @@ def test_bad_arguments_are_user_errors(checkpoints, kwargs, match):
     args = dict(prompts=[[1, 2]], max_new_tokens=4, stop_ids=[], pad_id=PAD) | kwargs
     with pytest.raises(KDTuneError, match=match):
         generate(model, **args)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_the_output_head_is_the_same_product_in_either_orientation(transposed, monkeypatch):
+    """Generation times ``weight @ h.T`` against ``F.linear(h, weight)`` once per shape and keeps the
+    faster; both are the logits ``h @ weight.T``."""
+    module = importlib.import_module("kdtune.generation.generate")  # the package's `generate` is the function
+
+    weight, h = torch.randn(1000, 16, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    monkeypatch.setattr(module, "_HEADS", {})
+    module.output_head(weight, 3)  # times both, records the choice
+    assert list(module._HEADS.values()) in ([True], [False])
+    module._HEADS[next(iter(module._HEADS))] = transposed
+    torch.testing.assert_close(module.output_head(weight, 3)(h), h @ weight.T, rtol=1e-12, atol=1e-12)
