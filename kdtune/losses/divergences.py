@@ -92,21 +92,28 @@ class ForwardKLLoss(Divergence):
         return _kl(log_p, log_q)
 
     @torch.no_grad()
-    def sum_and_logit_grad(self, student_logits, teacher_logits, *, temperature: float | None = None,
-                           student_log_probs=None, student_probs=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summed divergence of dense float32 logits and its gradient with respect to the student's
-        logits, in closed form: ``(q_T - p_T) / T``. The fused loss uses it in place of autograd (a
-        few passes over ``[chunk, V]`` instead of dozens); tests hold it to autograd on ``per_token``."""
+    def sum_and_probs(self, student_logits, teacher_logits, *, temperature: float | None = None,
+                      student_log_probs=None, student_probs=None):
+        """``(total, q_T, p_T)``: the summed divergence of dense logits, and the two tempered
+        distributions, from which its gradient with respect to the student's logits is
+        ``(q_T - p_T) / T`` in closed form. The fused loss uses it in place of autograd (a few passes
+        over each ``[rows, V]`` block instead of dozens); tests hold it to autograd on ``per_token``.
+        Logits may be bf16: the math is float32 (float64 stays float64)."""
         t = self.temperature if temperature is None else _check_temperature(temperature)
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
         if t == 1 and student_log_probs is not None:
             log_q, q = student_log_probs, student_probs
         else:
             scaled = _scale(student_logits, t)
-            log_q, q = scaled.log_softmax(-1), scaled.softmax(-1)
+            log_q, q = scaled.log_softmax(-1, dtype=dtype), scaled.softmax(-1, dtype=dtype)
         scaled = _scale(teacher_logits.detach(), t)
-        log_p, p = scaled.log_softmax(-1), scaled.softmax(-1)  # softmax, not exp(log_p): see `probabilities`
-        total = (p * (log_p - log_q)).nansum()  # entries with p = 0 are 0·(−inf): they count 0
-        return total, (q - p).div_(t)
+        # softmax, not exp(log_p): see `probabilities`
+        log_p, p = scaled.log_softmax(-1, dtype=dtype), scaled.softmax(-1, dtype=dtype)
+        terms = log_p.sub_(log_q)
+        total = torch.vdot(p.reshape(-1), terms.reshape(-1))  # one read of each, no product tensor
+        if torch.isnan(total):  # entries with p = 0 and log p = -inf count 0, not NaN
+            total = terms.mul_(p).nansum()
+        return total, q, p
 
 
 class ReverseKLLoss(Divergence):

@@ -100,36 +100,51 @@ class FusedLinearKDLoss(nn.Module):
         return float(count)
 
     def block_sums(self, logits: torch.Tensor, teacher, targets: torch.Tensor, temperature: float | None = None):
-        """Summed CE and divergence of a block of valid tokens, from float32 student logits and the
-        teacher's (float32 logits, a :class:`TeacherTopK`, or None); the student's log-softmax is
+        """Summed CE and divergence of a block of valid tokens, from the student's logits and the
+        teacher's (logits, a :class:`TeacherTopK`, or None), in float32; the student's log-softmax is
         computed once for both."""
+        logits = upcast(logits)
         log_q = logits.log_softmax(-1)
         ce = -log_q.gather(-1, targets[:, None]).sum()
         if teacher is None:
             return ce, torch.zeros_like(ce)
+        if not isinstance(teacher, TeacherTopK):
+            teacher = upcast(teacher)
         return ce, self.divergence.token_values(logits, teacher, temperature=temperature, student_log_probs=log_q).sum()
 
     def block_sums_and_grad(self, logits: torch.Tensor, teacher, targets: torch.Tensor, temperature,
-                            ratio: float, normalizer: float):
-        """What `block_sums` gives, and the gradient of ``((1 - ratio) * ce + ratio * kd) / normalizer``
-        with respect to the logits: in closed form for a dense teacher (or none) and a divergence that
-        has one (``sum_and_logit_grad``), by autograd otherwise."""
-        closed = getattr(self.divergence, "sum_and_logit_grad", None)
+                            ratio: float, out: torch.Tensor):
+        """What `block_sums` gives, with the gradient of ``(1 - ratio) * ce + ratio * kd`` with respect
+        to the logits written to ``out`` (in its dtype): in closed form for a dense teacher (or none)
+        and a divergence that has one (``sum_and_probs``), by autograd otherwise."""
+        closed = getattr(self.divergence, "sum_and_probs", None)
         if isinstance(teacher, TeacherTopK) or (teacher is not None and closed is None):
             with torch.enable_grad():
-                logits = logits.detach().requires_grad_()
+                logits = upcast(logits).detach().requires_grad_()
                 ce, kd = self.block_sums(logits, teacher, targets, temperature)
-                (grad,) = torch.autograd.grad(((1 - ratio) * ce + ratio * kd) / normalizer, logits)
-            return ce.detach(), kd.detach(), grad
+                (grad,) = torch.autograd.grad((1 - ratio) * ce + ratio * kd, logits)
+            out.copy_(grad)
+            return ce.detach(), kd.detach()
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         # softmax, not log_q.exp(): see `probabilities` (log-probabilities below -87 are common)
-        log_q, q = logits.log_softmax(-1), logits.softmax(-1)
+        log_q, q = logits.log_softmax(-1, dtype=dtype), logits.softmax(-1, dtype=dtype)
         ce = -log_q.gather(-1, targets[:, None]).sum()
-        grad = q * ((1 - ratio) / normalizer)  # CE's gradient: q - onehot(target)
-        grad.scatter_add_(-1, targets[:, None], grad.new_full((len(targets), 1), -(1 - ratio) / normalizer))
         if teacher is None:
-            return ce, torch.zeros_like(ce), grad
-        kd, kd_grad = closed(logits, teacher, temperature=temperature, student_log_probs=log_q, student_probs=q)
-        return ce, kd, grad.add_(kd_grad, alpha=ratio / normalizer)
+            kd = torch.zeros_like(ce)
+        else:
+            kd, q_t, p_t = closed(logits, teacher, temperature=temperature, student_log_probs=log_q, student_probs=q)
+        # (1 - r)(q - onehot) + (r / T)(q_T - p_T); at T = 1 that is q - r p - (1 - r) onehot, one pass
+        t = 1 if teacher is None else self.divergence.temperature if temperature is None else temperature
+        if teacher is not None and t != 1:
+            q = q.mul_(1 - ratio).add_(q_t, alpha=ratio / t)
+        elif teacher is None:
+            q = q.mul_(1 - ratio)
+        q.scatter_add_(-1, targets[:, None], q.new_full((len(targets), 1), -(1 - ratio)))
+        if teacher is None:
+            out.copy_(q)
+        else:
+            torch.sub(q, p_t, alpha=ratio / t, out=out)
+        return ce, kd
 
 
 def block_rows(vocab: int) -> int:
@@ -166,12 +181,12 @@ class _FusedKD(torch.autograd.Function):
             grad_logits = torch.empty_like(logits) if wanted else None
             for first in range(0, logits.shape[0], step):
                 block = slice(first, first + step)
-                block_logits, block_teacher = upcast(logits[block]), _teacher_block(teacher_logits, block)
+                block_teacher = _teacher_block(teacher_logits, block)
                 if wanted:
-                    ce, kd, grad_logits[block] = loss.block_sums_and_grad(
-                        block_logits, block_teacher, targets[part][block], temperature, ratio, normalizer)
+                    ce, kd = loss.block_sums_and_grad(logits[block], block_teacher, targets[part][block], temperature,
+                                                      ratio, out=grad_logits[block])
                 else:
-                    ce, kd = loss.block_sums(block_logits, block_teacher, targets[part][block], temperature)
+                    ce, kd = loss.block_sums(logits[block], block_teacher, targets[part][block], temperature)
                 ce_total, kd_total = ce_total + ce, kd_total + kd
             if grad_rows is not None:
                 grad_rows[part] = grad_logits @ weight
@@ -182,17 +197,21 @@ class _FusedKD(torch.autograd.Function):
                     grad_weight.add_(grad_logits.T @ rows[part])
         if grad_rows is not None:
             ctx.grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
-        ctx.grad_weight, ctx.weight_dtype, ctx.ratio = grad_weight, weight.dtype, ratio
+        # The gradients above are of the unnormalized sum; backward divides by the normalizer.
+        ctx.grad_weight, ctx.weight_dtype, ctx.ratio, ctx.normalizer = grad_weight, weight.dtype, ratio, normalizer
         return ce_total / normalizer, kd_total / normalizer
 
     @staticmethod
     def backward(ctx, grad_ce, grad_kd):
-        scale = _mix_scale(float(grad_ce), float(grad_kd), ctx.ratio)
+        scale = _mix_scale(float(grad_ce), float(grad_kd), ctx.ratio) / ctx.normalizer
         grad_hidden = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_hidden = ctx.grad_hidden * scale
         if ctx.needs_input_grad[1]:
-            grad_weight = ctx.grad_weight.to(ctx.weight_dtype).mul_(scale)  # no float32 temporary
+            grad_weight = ctx.grad_weight.to(ctx.weight_dtype)  # a copy unless the dtypes match
+            # scaled in place when that is a copy (no float32 temporary); never the saved gradient itself,
+            # which a second backward reuses
+            grad_weight = grad_weight * scale if grad_weight is ctx.grad_weight else grad_weight.mul_(scale)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -222,4 +241,4 @@ def _teacher_chunk(teacher, part: slice):
 def _teacher_block(teacher, block: slice):
     if teacher is None or isinstance(teacher, TeacherTopK):
         return teacher if teacher is None else teacher.rows(block)
-    return upcast(teacher[block])
+    return teacher[block]

@@ -60,6 +60,7 @@ def run_pinned(args, out: Path) -> list[list[float]]:
                            f"output_dir={out}_cache", f"teacher_checkpointer.checkpoint_dir={teacher}",
                            f"tokenizer.path={options['checkpointer.checkpoint_dir']}",
                            f"dataset.data_files={options['dataset.data_files']}", "top_k=16",
+                           "logprob_dtype=fp16",  # the storage these losses were pinned with
                            env={"OMP_NUM_THREADS": "1"})
         assert cache.returncode == 0, cache.stderr[-3000:]
     proc = run_kdtune("run", *(a.replace("{out}", str(out)) for a in args), env={"OMP_NUM_THREADS": "1"})
