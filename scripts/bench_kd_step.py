@@ -141,12 +141,15 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
     step()  # warm-up: allocates the optimizer state and gradients, which every form needs alike
     sections.clear()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, per_step = [], []
     for _ in range(steps):
+        sections.clear()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    seconds = min(times)  # the best of the steps, as timeit reports: this shared machine's speed varies
+        per_step.append(dict(sections))
+    best = min(range(steps), key=times.__getitem__)  # the fastest step, as timeit reports: this shared
+    seconds = times[best]  # machine's speed varies from run to run
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     student_flops = 3 * forward_flops(student_args, tokens)
     teacher_flops = 0 if cached else forward_flops(teacher_args, tokens)
@@ -154,7 +157,7 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
               "flops_per_second": (student_flops + teacher_flops) / seconds,
               "student_flops": student_flops, "teacher_flops": teacher_flops, "peak_rss_gib": peak / 2**20,
               "extra_gib": max(peak - base, 0) / 2**20,
-              "sections": {k: v / steps for k, v in sections.items()}}
+              "sections": per_step[best]}
     if breakdown:
         result["kernels"] = _kernels(step)
     return result

@@ -21,6 +21,7 @@ from kdtune.losses.token_loss import upcast
 
 # Tokens per chunk: a few float32 [chunk, V] tensors at a time (about 150 MB at V = 152k).
 DEFAULT_CHUNK_SIZE = 256
+VOCAB_SLICE = 8192  # output-weight rows per low-precision gradient GEMM summed into float32
 
 
 class FusedLinearKDLoss(nn.Module):
@@ -178,7 +179,7 @@ class _FusedKD(torch.autograd.Function):
             part = slice(start, start + loss.chunk_size)
             logits = rows[part] @ weight.T  # the chunk's head GEMM, in the weights' dtype
             teacher_logits = _teacher_chunk(teacher, part)
-            grad_logits = torch.empty_like(logits) if wanted else None
+            grad_logits = logits if wanted else None  # each block's gradient overwrites its logits, once read
             for first in range(0, logits.shape[0], step):
                 block = slice(first, first + step)
                 block_teacher = _teacher_block(teacher_logits, block)
@@ -193,8 +194,11 @@ class _FusedKD(torch.autograd.Function):
             if grad_weight is not None:
                 if grad_logits.dtype == grad_weight.dtype == rows.dtype:
                     grad_weight.addmm_(grad_logits.T, rows[part])
-                else:  # a low-precision GEMM per chunk (bf16 weights or autocast), summed in float32
-                    grad_weight.add_(grad_logits.T @ rows[part])
+                else:  # low-precision GEMMs (bf16 weights or autocast) summed in float32, a slice of the
+                    # vocabulary at a time: no [V, d] temporary, and each product is added from cache
+                    for first in range(0, weight.shape[0], VOCAB_SLICE):
+                        vocab = slice(first, first + VOCAB_SLICE)
+                        grad_weight[vocab].add_(grad_logits[:, vocab].T @ rows[part])
         if grad_rows is not None:
             ctx.grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
         # The gradients above are of the unnormalized sum; backward divides by the normalizer.
