@@ -16,7 +16,7 @@ import time
 import torch
 
 from kdtune.losses import ForwardKLLoss, GeneralizedJSDLoss, TeacherTopK
-from kdtune.offline.shards import STORAGES, encode_rows
+from kdtune.offline.shards import STORAGES, decode_rows, encode_rows
 
 VOCAB = 151_936
 
@@ -26,15 +26,6 @@ def teacher(alpha: float, rows: int, seed: int = 0) -> torch.Tensor:
     ranks = torch.arange(1, VOCAB + 1, dtype=torch.float32)
     logits = -alpha * ranks.log() + 0.5 * torch.randn(rows, VOCAB, generator=g)
     return logits[:, torch.randperm(VOCAB, generator=g)]
-
-
-def decode(stored: dict, storage: str, k: int) -> torch.Tensor:
-    """The log-probabilities a reader gets back, through the same code as `ShardReader`."""
-    from kdtune.offline.packing import dequantize
-
-    if storage == "q8":
-        return dequantize(stored["mass"], stored["span"], stored["codes"], k)
-    return stored["logprobs"].float()
 
 
 def main() -> None:
@@ -58,7 +49,7 @@ def main() -> None:
             speed[s][0] += time.perf_counter() - start
             sizes[s] = sum(t[0].numel() * t.element_size() for t in stored[s].values())
             start = time.perf_counter()
-            stored[s] = decode(stored[s], s, args.k)
+            stored[s] = decode_rows(stored[s], s, args.k, VOCAB)[0].float()
             speed[s][1] += time.perf_counter() - start
         noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
         for student_name, student in (("untrained", noise), ("near (+0.3 noise)", logits + 0.3 * noise),

@@ -83,8 +83,14 @@ class ShardReader:
             self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
         f = self._open[shard]
         rows = slice(offset, offset + count)
-        read = lambda name: f.get_slice(name)[rows]  # noqa: E731
-        if self.storage == "q8":
-            return (dequantize(read("mass"), read("span"), read("codes"), self.k),
-                    unpack_ids(read("ids"), self.k, id_bits(self.vocab_size)))
-        return read("logprobs"), decode_ids(read("ids"))
+        stored = {name: f.get_slice(name)[rows] for name in f.keys()}
+        return decode_rows(stored, self.storage, self.k, self.vocab_size)
+
+
+def decode_rows(stored: dict[str, torch.Tensor], storage: str, k: int, vocab_size: int):
+    """`encode_rows` undone: log-probabilities ``[N, k]`` (float32 for q8, else as stored) and ids
+    ``[N, k]`` (int64)."""
+    if storage == "q8":
+        return (dequantize(stored["mass"], stored["span"], stored["codes"], k),
+                unpack_ids(stored["ids"], k, id_bits(vocab_size)))
+    return stored["logprobs"], decode_ids(stored["ids"])

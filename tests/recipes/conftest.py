@@ -50,3 +50,11 @@ def base_overrides(world, out) -> list[str]:
 
 def kd_overrides(world, out) -> list[str]:
     return base_overrides(world, out) + [f"teacher_checkpointer.checkpoint_dir={world['teacher']}"]
+
+
+# The KD recipe on one process and on two (FSDP2, gloo) with the same global batch: name, launch args.
+KD_ONE_AND_TWO_PROCESSES = (
+    ("single", ("knowledge_distillation_single_device", "--config", "tiny/KD_single_device", "batch_size=4")),
+    ("sharded", ("--nproc_per_node", "2", "--standalone", "knowledge_distillation_distributed",
+                 "--config", "tiny/KD_distributed", "batch_size=2")),
+)

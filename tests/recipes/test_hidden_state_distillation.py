@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from kdtune.checkpointing import write_random_checkpoint
 from kdtune.training import read_metrics
 from tests.cli_utils import assert_user_error, run_kdtune
-from tests.recipes.conftest import kd_overrides, tiny_config
+from tests.recipes.conftest import KD_ONE_AND_TWO_PROCESSES, kd_overrides, tiny_config
 
 ENV = {"OMP_NUM_THREADS": "1"}
 HIDDEN = ("+hidden_state_loss._component_=cosine", "+hidden_state_loss.layers=uniform",
@@ -54,10 +54,7 @@ def test_two_processes_log_what_one_logs_with_projections_of_another_width(world
         (narrow / f.name).write_bytes(f.read_bytes())
     worlds = {**world, "student": narrow}
     runs = {}
-    for name, launch in (("single", ("knowledge_distillation_single_device", "--config", "tiny/KD_single_device",
-                                     "batch_size=4")),
-                         ("sharded", ("--nproc_per_node", "2", "--standalone", "knowledge_distillation_distributed",
-                                      "--config", "tiny/KD_distributed", "batch_size=2"))):
+    for name, launch in KD_ONE_AND_TWO_PROCESSES:
         out = tmp_path / name
         proc = run_kdtune("run", *launch, *kd_overrides(worlds, out), "max_steps_per_epoch=3", *HIDDEN,
                           "save_every_n_steps=2", env=ENV)

@@ -11,7 +11,7 @@ import kdtune
 from kdtune.datasets import alpaca_dataset, arithmetic_rows
 from kdtune.training import read_metrics
 from tests.cli_utils import assert_user_error, run_kdtune
-from tests.recipes.conftest import base_overrides, kd_overrides
+from tests.recipes.conftest import KD_ONE_AND_TWO_PROCESSES, base_overrides, kd_overrides
 
 HELD_OUT = 13  # not a multiple of 2 processes x 2 per batch: one rank pads its last batch
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -84,10 +84,7 @@ def test_supervised_validation_is_the_held_out_cross_entropy(world, held_out, tm
 
 def test_two_processes_log_the_validation_of_one(world, held_out, tmp_path):
     runs = {}
-    for name, launch in (("single", ("knowledge_distillation_single_device", "--config", "tiny/KD_single_device",
-                                     "batch_size=4")),
-                         ("sharded", ("--nproc_per_node", "2", "--standalone", "knowledge_distillation_distributed",
-                                      "--config", "tiny/KD_distributed", "batch_size=2"))):
+    for name, launch in KD_ONE_AND_TWO_PROCESSES:
         out = tmp_path / name
         proc = run_kdtune("run", *launch, *kd_overrides(world, out), "max_steps_per_epoch=4",
                           *validation(held_out), "+validation.batch_size=2", env=ENV)
