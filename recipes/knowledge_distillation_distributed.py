@@ -60,9 +60,12 @@ def main(cfg):
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer, params)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
-    kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size)
+    # each model's final-logit cap (Gemma 2), applied to its logits in every loss form; a cache holds capped rows
+    caps = dict(student_softcap=student.args.final_logit_softcapping,
+                teacher_softcap=teacher.args.final_logit_softcapping if teacher else None)
+    kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size, **caps)
     kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
-                                 chunk_size=s.loss_chunk_size)  # validation's val_kl, whatever kd_loss is
+                                 chunk_size=s.loss_chunk_size, **caps)  # validation's val_kl, whatever kd_loss is
     save = distributed.sharded_saver(kd.checkpointer, student, run.dist)  # full weights from rank 0, optimizer shards
     state = training.TrainingState(run.dist)
     state.register("optimizer", run.dist.optimizer_state(trained, optimizer))

@@ -12,7 +12,9 @@ from kdtune.checkpointing.hf_format import CONFIG, to_hf, with_dtype, write_weig
 from kdtune.models.args import ModelArgs
 from kdtune.models.decoder import TransformerDecoder
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def write_random_checkpoint(
@@ -25,7 +27,7 @@ def write_random_checkpoint(
 ) -> Path:
     """Write ``config.json`` + safetensors for the model ``hf_config`` describes and return ``out_dir``.
 
-    Norm weights are 1; every other tensor (biases included) is drawn from N(0, initializer_range),
+    Norm weights are the identity (1, or 0 where the norm scales by 1 + weight); every other tensor (biases included) is drawn from N(0, initializer_range),
     default 0.02, with a generator seeded by ``seed``, one tensor at a time in float32, so a
     billion-parameter checkpoint needs only one shard's worth of memory. ``max_shard_size`` None
     writes a single ``model.safetensors``.
@@ -39,7 +41,7 @@ def write_random_checkpoint(
 
     def make(hf_name: str) -> torch.Tensor:
         if hf_name.endswith("norm.weight"):
-            return torch.ones(shapes[hf_name], dtype=dtype)
+            return torch.full(shapes[hf_name], 0.0 if args.norm_unit_offset else 1.0, dtype=dtype)
         return torch.empty(shapes[hf_name]).normal_(0.0, std, generator=generator).to(dtype)
 
     element = torch.empty((), dtype=dtype).element_size()

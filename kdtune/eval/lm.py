@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from kdtune.errors import KDTuneError
 from kdtune.generation import generate
+from kdtune.modules.softcap import softcap
 from kdtune.tokenization import Tokenizer
 
 # Scored positions projected to the vocabulary at once: bounds the [positions, vocab] logits.
@@ -141,7 +142,7 @@ class KDTuneLM(TemplateLM):
         weight = self.model.output_weight
         logprobs, greedy = [], []
         for h, t in zip(hidden.split(_PROJECTION_CHUNK), targets.split(_PROJECTION_CHUNK)):
-            logits = F.linear(h, weight).float()
+            logits = softcap(F.linear(h, weight).float(), self.model.args.final_logit_softcapping)
             logprobs.append(logits.log_softmax(-1).gather(1, t[:, None]).squeeze(1))
             greedy.append(logits.argmax(-1) == t)
         return torch.cat(logprobs).cpu(), torch.cat(greedy).cpu()

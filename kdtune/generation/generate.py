@@ -13,6 +13,7 @@ from kdtune.errors import KDTuneError
 from kdtune.generation.masks import padded_attention_mask, padded_positions
 from kdtune.generation.sampling import sample_next
 from kdtune.models.decoder import TransformerDecoder
+from kdtune.modules.softcap import softcap
 
 
 @dataclass
@@ -175,7 +176,8 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, vocab_
     positions = padded_positions(real)
     stop_ids = stop_ids.to(device)
     weight = model.output_weight[:vocab_size]  # merged once for a LoRA output layer
-    head = output_head(weight, batch)
+    project, cap = output_head(weight, batch), model.args.final_logit_softcapping
+    head = project if cap is None else (lambda h: softcap(project(h), cap))
     if use_cache:
         model.setup_caches(batch, total - 1)  # the last token is returned, never fed
 

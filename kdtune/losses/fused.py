@@ -18,6 +18,7 @@ from kdtune.errors import KDTuneError
 from kdtune.losses.divergences import Divergence
 from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import upcast
+from kdtune.modules.softcap import softcap
 
 # Tokens per chunk: two [chunk, V] logit tensors at a time (78 MB each in bf16 at V = 152k); larger
 # chunks run the head GEMMs only a few percent faster here.
@@ -40,6 +41,11 @@ class FusedLinearKDLoss(nn.Module):
     it, plus terms of your own. Another mix is an error in backward, never a wrong gradient; the
     ``chunked`` and ``full`` forms (:class:`~kdtune.losses.LinearKDLoss`) take any mix.
 
+    ``student_softcap`` / ``teacher_softcap``: each model's final-logit cap (Gemma 2's
+    ``final_logit_softcapping``, None for none), applied as ``cap * tanh(logits / cap)`` to its logits
+    before the temperature and the divergence, with the student's gradient through it; a cached
+    teacher's rows were capped when the cache was made.
+
     ``ignore_index``, ``temperature`` (unless given per call), ``vocab_size`` and ``reduction``
     come from ``divergence`` (CE uses temperature 1). The normalizer is ``num_valid_tokens`` when
     given — pass the valid-token count of the whole optimizer step (all micro-batches, all ranks)
@@ -48,10 +54,12 @@ class FusedLinearKDLoss(nn.Module):
     dtype (the gradient overwrites the student's), plus float32 blocks of `block_rows` rows.
     """
 
-    def __init__(self, divergence: Divergence | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(self, divergence: Divergence | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None):
         super().__init__()
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise KDTuneError(f"loss chunk_size: expected a positive integer, got {chunk_size!r}")
+        self.student_softcap, self.teacher_softcap = check_softcap(student_softcap), check_softcap(teacher_softcap)
         self.divergence = divergence
         self.ignore_index = divergence.ignore_index if divergence is not None else -100
         self.chunk_size = chunk_size
@@ -107,14 +115,14 @@ class FusedLinearKDLoss(nn.Module):
     def block_sums(self, logits: torch.Tensor, teacher, targets: torch.Tensor, temperature: float | None = None):
         """Summed CE and divergence of a block of valid tokens, from the student's logits and the
         teacher's (logits, a :class:`TeacherTopK`, or None), in float32; the student's log-softmax is
-        computed once for both."""
-        logits = upcast(logits)
+        computed once for both. Each model's logits are capped here when it caps them."""
+        logits = softcap(upcast(logits), self.student_softcap)
         log_q = logits.log_softmax(-1)
         ce = -log_q.gather(-1, targets[:, None]).sum()
         if teacher is None:
             return ce, torch.zeros_like(ce)
         if not isinstance(teacher, TeacherTopK):
-            teacher = upcast(teacher)
+            teacher = softcap(upcast(teacher), self.teacher_softcap)
         return ce, self.divergence.token_values(logits, teacher, temperature=temperature, student_log_probs=log_q).sum()
 
     def block_sums_and_grad(self, logits: torch.Tensor, teacher, targets: torch.Tensor, temperature,
@@ -131,11 +139,17 @@ class FusedLinearKDLoss(nn.Module):
             out.copy_(grad)
             return ce.detach(), kd.detach()
         dtype = torch.promote_types(logits.dtype, torch.float32)
+        cap = self.student_softcap
+        if cap is not None:  # the gradient below is with respect to the capped logits; chained at the end
+            logits = softcap(logits.to(dtype), cap)
+        if teacher is not None and self.teacher_softcap is not None:
+            teacher = softcap(upcast(teacher), self.teacher_softcap)
         # softmax, not log_q.exp(): see `probabilities` (log-probabilities below -87 are common)
         log_q, q = logits.log_softmax(-1, dtype=dtype), logits.softmax(-1, dtype=dtype)
         ce = -log_q.gather(-1, targets[:, None]).sum()
         if teacher is None:  # cross-entropy alone (kd_ratio is 0): q - onehot
-            out.copy_(q.scatter_add_(-1, targets[:, None], q.new_full((len(targets), 1), -1.0)))
+            q.scatter_add_(-1, targets[:, None], q.new_full((len(targets), 1), -1.0))
+            _write_grad(q, logits, cap, out)
             return ce, torch.zeros_like(ce)
         kd, q_t, p_t = closed(logits, teacher, temperature=temperature, student_log_probs=log_q, student_probs=q)
         # (1 - r)(q - onehot) + (r / T)(q_T - p_T); at T = 1 q_T is q, and this is q - r p - (1 - r) onehot
@@ -143,7 +157,10 @@ class FusedLinearKDLoss(nn.Module):
         if t != 1:
             q.mul_(1 - ratio).add_(q_t, alpha=ratio / t)
         q.scatter_add_(-1, targets[:, None], q.new_full((len(targets), 1), -(1 - ratio)))
-        torch.sub(q, p_t, alpha=ratio / t, out=out)
+        if cap is None:
+            torch.sub(q, p_t, alpha=ratio / t, out=out)
+        else:
+            _write_grad(q.sub_(p_t, alpha=ratio / t), logits, cap, out)
         return ce, kd
 
 
@@ -152,6 +169,23 @@ def block_rows(vocab: int) -> int:
     element-wise passes of the loss and its gradient run in cache rather than from memory
     (on a 2-core EPYC with 2 MB of L2 per core, 7x faster at V = 152k than whole 256-row chunks)."""
     return max(1, (5 << 19) // (4 * vocab))
+
+
+def _write_grad(grad: torch.Tensor, capped: torch.Tensor, cap: float | None, out: torch.Tensor) -> None:
+    """``out`` = the gradient with respect to the raw logits, from ``grad`` with respect to the
+    ``capped`` ones: times ``1 - (capped / cap)^2``, the cap's derivative (both float32 temporaries
+    of the block are reused)."""
+    if cap is not None:
+        grad.mul_(capped.div_(cap).square_().neg_().add_(1))
+    out.copy_(grad)
+
+
+def check_softcap(cap) -> float | None:
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+        raise KDTuneError(f"loss softcap: expected a positive number or null, got {cap!r}")
+    return float(cap)
 
 
 def check_kd_ratio(kd_ratio) -> float:

@@ -19,6 +19,7 @@ from kdtune.losses.cross_entropy import CrossEntropyLoss
 from kdtune.losses.divergences import Divergence
 from kdtune.losses.fused import DEFAULT_CHUNK_SIZE, FusedLinearKDLoss, check_kd_ratio
 from kdtune.losses.sparse import TeacherTopK
+from kdtune.modules.softcap import softcap
 
 FORMS = ("fused", "chunked", "full")
 
@@ -30,11 +31,11 @@ def _check_form(form: str, num_chunks: int) -> None:
         raise KDTuneError(f"loss num_chunks: expected a positive integer, got {num_chunks!r}")
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, num_chunks: int | None):
-    """Whole logits, or a list of ``num_chunks`` chunks of them along the sequence."""
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, num_chunks: int | None, cap: float | None):
+    """Whole logits, or a list of ``num_chunks`` chunks of them along the sequence, capped by ``cap``."""
     if num_chunks is None:
-        return F.linear(hidden, weight)
-    return [F.linear(chunk, weight) for chunk in hidden.chunk(num_chunks, dim=1)]
+        return softcap(F.linear(hidden, weight), cap)
+    return [softcap(F.linear(chunk, weight), cap) for chunk in hidden.chunk(num_chunks, dim=1)]
 
 
 class LinearKDLoss(nn.Module):
@@ -46,7 +47,9 @@ class LinearKDLoss(nn.Module):
     ``teacher`` is the teacher's final hidden states ``[B, S, d_t]`` (with ``teacher_weight``
     ``[V, d_t]``), its cached top-k (:class:`TeacherTopK`, no weight), or None (``kd`` is then 0).
     ``temperature`` overrides the divergence's for this call (a schedule); a cached teacher holds
-    the one temperature it was made at.
+    the one temperature it was made at. ``student_softcap`` / ``teacher_softcap`` are the models'
+    final-logit caps (``model.args.final_logit_softcapping``): every form caps each model's logits
+    before the temperature and the divergence.
 
     The fused form computes the gradient of ``(1 - kd_ratio) * ce + kd_ratio * kd`` in its
     forward pass, so pass the ``kd_ratio`` you mix with (see :class:`FusedLinearKDLoss`); the
@@ -54,13 +57,15 @@ class LinearKDLoss(nn.Module):
     """
 
     def __init__(self, divergence: Divergence, *, form: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 num_chunks: int = 8):
+                 num_chunks: int = 8, student_softcap: float | None = None, teacher_softcap: float | None = None):
         super().__init__()
         _check_form(form, num_chunks)
         self.divergence = copy.copy(divergence)
         self.divergence.reduction = "sum"  # every form divides by the step's token count itself
         self.form, self.num_chunks = form, num_chunks
-        self.fused = FusedLinearKDLoss(self.divergence, chunk_size=chunk_size)
+        self.fused = FusedLinearKDLoss(self.divergence, chunk_size=chunk_size, student_softcap=student_softcap,
+                                       teacher_softcap=teacher_softcap)
+        self.student_softcap, self.teacher_softcap = self.fused.student_softcap, self.fused.teacher_softcap
         self.cross_entropy = CrossEntropyLoss(ignore_index=divergence.ignore_index, reduction="sum",
                                               vocab_size=divergence.vocab_size)
 
@@ -71,7 +76,7 @@ class LinearKDLoss(nn.Module):
                               num_valid_tokens=num_tokens, temperature=temperature)
         check_kd_ratio(kd_ratio)
         chunks = self.num_chunks if self.form == "chunked" else None
-        logits = _logits(student_hidden, student_weight, chunks)
+        logits = _logits(student_hidden, student_weight, chunks, self.student_softcap)
         ce = self.cross_entropy(logits, labels) / num_tokens
         if teacher is None:
             return ce, torch.zeros_like(ce)
@@ -79,7 +84,7 @@ class LinearKDLoss(nn.Module):
             self.fused.check_cache_temperature(temperature)
         else:
             with torch.no_grad():
-                teacher = _logits(teacher, teacher_weight, chunks)
+                teacher = _logits(teacher, teacher_weight, chunks, self.teacher_softcap)
         return ce, self.divergence(logits, teacher, labels, temperature=temperature) / num_tokens
 
 
@@ -89,18 +94,20 @@ class LinearCrossEntropyLoss(nn.Module):
 
     ``forward(hidden [B, S, d], weight [V, d], labels [B, S], *, num_tokens)`` → the summed token
     losses divided by ``num_tokens``; labels of -100 are not trained. Scored on the weight's whole
-    width (padding rows included).
+    width (padding rows included). ``softcap``: the model's final-logit cap, or None.
     """
 
-    def __init__(self, *, form: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int = 8):
+    def __init__(self, *, form: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int = 8,
+                 softcap: float | None = None):
         super().__init__()
         _check_form(form, num_chunks)
         self.form, self.num_chunks = form, num_chunks
-        self.fused = FusedLinearKDLoss(None, chunk_size=chunk_size)
+        self.fused = FusedLinearKDLoss(None, chunk_size=chunk_size, student_softcap=softcap)
+        self.softcap = self.fused.student_softcap
         self.cross_entropy = CrossEntropyLoss(ignore_index=self.fused.ignore_index, reduction="sum")
 
     def forward(self, hidden, weight, labels, *, num_tokens: int) -> torch.Tensor:
         if self.form == "fused":
             return self.fused(hidden, weight, None, None, labels, kd_ratio=0.0, num_valid_tokens=num_tokens)[0]
-        logits = _logits(hidden, weight, self.num_chunks if self.form == "chunked" else None)
+        logits = _logits(hidden, weight, self.num_chunks if self.form == "chunked" else None, self.softcap)
         return self.cross_entropy(logits, labels) / num_tokens

@@ -12,6 +12,7 @@ from kdtune.models.args import ModelArgs
 from kdtune.models.decoder import TransformerDecoder
 
 _LLAMA3_1_SCALING = {
+    "rope_type": "llama3",
     "factor": 8.0,
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,

@@ -1,4 +1,5 @@
-"""One decoder-only transformer for the Llama 3 and Qwen2/2.5/3 families.
+"""One decoder-only transformer for the Llama 3, Qwen2/2.5/3, Mistral, Phi-3 and Gemma 2/3 families,
+its variations switched by ``ModelArgs`` fields rather than subclasses.
 
 Module names are Hugging Face's without the leading ``model.``, so a checkpoint's tensors map onto
 this model by dropping that prefix and LoRA can target projections by their familiar names.
@@ -14,17 +15,30 @@ from torch.utils.checkpoint import checkpoint
 from kdtune.models.args import ModelArgs
 from kdtune.modules.attention import Attention
 from kdtune.modules.kv_cache import KVCache
-from kdtune.modules.mlp import SwiGLU
+from kdtune.modules.mlp import GatedMLP
 from kdtune.modules.rmsnorm import RMSNorm
 from kdtune.modules.rope import RotaryEmbedding
+from kdtune.modules.softcap import softcap
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+    """Pre-norm residual block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``.
 
-    def __init__(self, args: ModelArgs):
+    With ``sandwich_norms`` (Gemma) the outputs are normed too before they are added:
+    ``h + post_attention_layernorm(attn(input_layernorm(h)))``, then
+    ``h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`` (Hugging Face's names;
+    in the other families ``post_attention_layernorm`` is the MLP's input norm).
+    """
+
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
+        offset = args.norm_unit_offset
+
+        def norm():
+            return RMSNorm(args.hidden_size, args.norm_eps, unit_offset=offset)
+
+        self.sliding = args.is_sliding(layer)
+        self.input_layernorm = norm()
         self.self_attn = Attention(
             args.hidden_size,
             args.num_heads,
@@ -34,11 +48,22 @@ class DecoderLayer(nn.Module):
             o_bias=args.o_bias,
             qk_norm=args.qk_norm,
             norm_eps=args.norm_eps,
+            unit_offset=offset,
+            scale=args.attn_scale,
+            logit_softcap=args.attn_logit_softcapping,
+            fused_qkv=args.fused_projections,
         )
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.mlp = SwiGLU(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.post_attention_layernorm = norm()
+        if args.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias, activation=args.hidden_act,
+                            fused=args.fused_projections)
 
     def forward(self, h, cos, sin, mask):
+        if hasattr(self, "pre_feedforward_layernorm"):
+            h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin, mask))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -62,9 +87,11 @@ class TransformerDecoder(nn.Module):
         self.num_output_chunks = num_output_chunks
         self.activation_checkpointing = activation_checkpointing
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps, unit_offset=args.norm_unit_offset)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
+        if args.local_rope_theta is not None:  # Gemma 3's sliding layers: their own base and scaling
+            self.local_rope = RotaryEmbedding(args.head_dim, args.local_rope_theta, args.local_rope_scaling)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -150,7 +177,7 @@ class TransformerDecoder(nn.Module):
                 order: ``(output, [h_i, ...])``. Only those are kept, with their autograd history.
 
         Returns:
-            Logits ``[B, S, V]`` in the weights' dtype, a list of chunks of them when
+            Logits ``[B, S, V]`` in the weights' dtype (softcapped when the model caps them), a list of chunks of them when
             ``num_output_chunks >= 1``, or the hidden states. With caches the new tokens' keys
             and values are appended to the cache.
         """
@@ -165,7 +192,11 @@ class TransformerDecoder(nn.Module):
             else:
                 mask = mask[:, :, : start + s]
         h = self.embed_tokens(tokens)
-        cos, sin = self.rope(input_pos, h.dtype)
+        if self.args.embed_scale is not None:  # rounded to the weights' dtype, as the checkpoints were trained
+            h = h * torch.tensor(self.args.embed_scale, dtype=h.dtype)
+        rope = self.rope(input_pos, h.dtype)
+        local_rope = self.local_rope(input_pos, h.dtype) if hasattr(self, "local_rope") else rope
+        window_mask = self._window_mask(mask, start, s, b, tokens.device) if self.args.sliding_window else None
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         wanted = {i: None for i in return_layers or ()}
         bad = [i for i in wanted if not -1 <= i < len(self.layers)]
@@ -174,10 +205,12 @@ class TransformerDecoder(nn.Module):
         if -1 in wanted:
             wanted[-1] = h
         for i, layer in enumerate(self.layers):
+            cos, sin = local_rope if layer.sliding else rope
+            layer_mask = window_mask if layer.sliding else mask
             if recompute:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, layer_mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask)
+                h = layer(h, cos, sin, layer_mask)
             if i in wanted:
                 wanted[i] = h
         h = self.norm(h)
@@ -189,6 +222,22 @@ class TransformerDecoder(nn.Module):
             out = self._project(h)
         return out if return_layers is None else (out, [wanted[i] for i in return_layers])
 
+    def _window_mask(self, mask, start: int, s: int, b: int, device) -> torch.Tensor | None:
+        """The sliding layers' mask: ``mask`` (None: causal) and, where a query would reach further back
+        than ``sliding_window`` slots, not there. Slot distance is position distance within a row
+        (packed samples and cached rows are contiguous), so this is transformers' window. None when
+        no query reaches that far."""
+        window = self.args.sliding_window
+        if start + s <= window:
+            return mask
+        queries = start + torch.arange(s, device=device)
+        slots = torch.arange(start + s, device=device)
+        near = (queries[:, None] - slots) < window
+        if mask is None:  # causal over the slots
+            mask = slots <= queries[:, None]
+        return (mask & near).expand(b, s, start + s)
+
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         # Through the module when untied, so an adapter wrapped around lm_head takes part.
-        return F.linear(h, self.embed_tokens.weight) if self.args.tie_word_embeddings else self.lm_head(h)
+        logits = F.linear(h, self.embed_tokens.weight) if self.args.tie_word_embeddings else self.lm_head(h)
+        return softcap(logits, self.args.final_logit_softcapping)

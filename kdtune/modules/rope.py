@@ -1,4 +1,5 @@
-"""Rotary position embeddings (RoPE), including Llama 3.1's long-context frequency scaling.
+"""Rotary position embeddings (RoPE), with the frequency scalings of Llama 3.1 (``llama3``),
+Gemma 3's global layers (``linear``) and Phi-3.5 (``longrope``).
 
 Angles are computed from explicit position ids on every call, so packed rows (positions restarting
 at 0 per sample) and left-padded generation (a different offset per row) need nothing special.
@@ -14,18 +15,28 @@ import torch
 from torch import nn
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """The ``head_dim/2`` inverse frequencies ``theta^(-2i/head_dim)``, in float32.
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, *, long: bool = False) -> torch.Tensor:
+    """The ``head_dim/2`` inverse frequencies ``theta^(-2i/head_dim)``, in float32, scaled by ``scaling``
+    (a dict with ``rope_type``):
 
-    ``scaling`` is a Llama 3 ``rope_scaling`` dict (``factor``, ``low_freq_factor``,
-    ``high_freq_factor``, ``original_max_position_embeddings``): wavelengths longer than
-    ``original/low_freq_factor`` are stretched by ``factor``, those shorter than
-    ``original/high_freq_factor`` are kept, and the band between is interpolated linearly in
-    ``original/wavelength``.
+    - ``llama3``: wavelengths longer than ``original/low_freq_factor`` are stretched by ``factor``,
+      those shorter than ``original/high_freq_factor`` are kept, and the band between is
+      interpolated linearly in ``original/wavelength``;
+    - ``linear``: every frequency divided by ``factor``;
+    - ``longrope``: frequency ``i`` divided by ``short_factor[i]``, or ``long_factor[i]`` when ``long``
+      (sequences beyond ``original_max_position_embeddings``).
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-    if scaling is None:
+    kind = None if scaling is None else scaling["rope_type"]
+    if kind is None:
         return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "longrope":
+        factors = scaling["long_factor" if long else "short_factor"]
+        if len(factors) != len(inv_freq):
+            raise ValueError(f"longrope: {len(factors)} factors for {len(inv_freq)} frequencies")
+        return inv_freq / torch.tensor(factors, dtype=torch.float32)
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     original = scaling["original_max_position_embeddings"]
@@ -51,19 +62,27 @@ class RotaryEmbedding(nn.Module):
 
     The inverse frequencies are a cache, not state: they are recomputed for whatever device the
     positions are on, so a model built on the meta device and then loaded needs no extra step.
+    LongRoPE switches to its long factors when a forward reaches past the original context (its
+    largest position id, as transformers decides) and scales cos and sin by its attention factor.
     """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        self._inv_freq: torch.Tensor | None = None
+        self._inv_freq: dict[tuple, torch.Tensor] = {}
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._inv_freq is None or self._inv_freq.device != positions.device:
-            self._inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling).to(positions.device)
-        angles = positions.float().unsqueeze(-1) * self._inv_freq
+        longrope = self.scaling is not None and self.scaling["rope_type"] == "longrope"
+        long = longrope and int(positions.max()) + 1 > self.scaling["original_max_position_embeddings"]
+        key = (positions.device, long)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_frequencies(self.head_dim, self.theta, self.scaling, long=long).to(positions.device)
+        angles = positions.float().unsqueeze(-1) * self._inv_freq[key]
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if longrope:
+            cos, sin = cos * self.scaling["attention_factor"], sin * self.scaling["attention_factor"]
+        return cos.to(dtype), sin.to(dtype)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}, scaling={self.scaling}"

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from kdtune.datasets import IGNORE_INDEX, collate
 from kdtune.errors import KDTuneError
 from kdtune.losses.token_loss import upcast
+from kdtune.modules.softcap import softcap
 from kdtune.offline.index import build_index, differences, read_index, summarize_dataset, write_index
 from kdtune.offline.shards import STORAGES, encode_rows, id_bytes, write_shard
 
@@ -29,7 +30,9 @@ def teacher_topk(teacher, batch: dict, weight: torch.Tensor, k: int, temperature
     rows = hidden[batch["labels"] != IGNORE_INDEX]
     values, ids = [], []
     for chunk in rows.split(ROWS_PER_CHUNK):
-        top = (upcast(chunk @ weight.T) / temperature).log_softmax(-1).topk(k, dim=-1)
+        # the teacher's capped logits (Gemma 2), then the temperature, as every loss form takes them
+        logits = softcap(upcast(chunk @ weight.T), teacher.args.final_logit_softcapping)
+        top = (logits / temperature).log_softmax(-1).topk(k, dim=-1)
         values.append(top.values)
         ids.append(top.indices)
     return torch.cat(values), torch.cat(ids)

@@ -57,7 +57,15 @@ def test_rope_parameters_spelling_equals_classic_keys():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "mistral"}, "unsupported model_type 'mistral'"),
+        ({"model_type": "falcon"}, "unsupported model_type 'falcon'"),
+        ({"model_type": "gemma3"}, "Gemma 3's vision-language checkpoint"),
+        ({"model_type": "phi3", "rope_scaling": {"type": "su"}}, "unsupported rope scaling type 'su'"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
+        ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not supported"),
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping is a Gemma setting"),
+        ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be a positive integer"),
+        ({"model_type": "gemma2", "final_logit_softcapping": -1}, "final_logit_softcapping must be a positive"),
+        ({"model_type": "gemma2", "layer_types": ["full_attention"]}, "layer_types must list"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling type 'yarn'"),
         ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
         ({"hidden_size": None}, None),

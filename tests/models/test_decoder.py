@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from kdtune.checkpointing import load_model
+from kdtune.generation import generate
+from kdtune.modules.softcap import softcap
 from tests.models.tiny import CONFIGS, make_checkpoint
 
 VOCAB = CONFIGS["llama"]["vocab_size"]
@@ -20,17 +22,33 @@ def tokens(b, s, seed=0):
     return torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
-def test_logits_match_transformers(checkpoint):
+@pytest.mark.parametrize("length", [48, 20])
+def test_logits_match_transformers(checkpoint, length):
+    """48 tokens reach past the sliding windows (8) and Phi-3's original context (32, so LongRoPE's
+    long factors); 20 stay inside the latter (its short factors)."""
     transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation")
     reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     model = load_model(checkpoint)
-    x = tokens(2, 48)
+    x = tokens(2, length)
     with torch.no_grad():
         expected = reference(x).logits
         got = model(x)
-    assert got.shape == (2, 48, VOCAB)
+    assert got.shape == (2, length, VOCAB)
     assert expected.abs().max() > 1  # logits of a size where 1e-5 is a real tolerance
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_matches_transformers(checkpoint):
+    """The same greedy continuations as transformers' generate, through the KV cache, for a prompt
+    that together with its continuation outgrows the sliding windows (8)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = tokens(1, 6, seed=7)
+    with torch.no_grad():
+        expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+    out = generate(load_model(checkpoint), [prompt[0].tolist()], max_new_tokens=16, stop_ids=[], pad_id=0)
+    assert out.completions[0] == expected
 
 
 def test_load_model_defaults(checkpoint):
@@ -114,7 +132,8 @@ def test_hidden_states_chunks_and_output_weight(checkpoint):
         model.num_output_chunks = 3
         chunks = model(x)
     assert hidden.shape == (2, 10, model.args.hidden_size)
-    torch.testing.assert_close(F.linear(hidden, model.output_weight), logits)
+    torch.testing.assert_close(softcap(F.linear(hidden, model.output_weight), model.args.final_logit_softcapping),
+                               logits)
     assert isinstance(chunks, list) and len(chunks) == 3
     torch.testing.assert_close(torch.cat(chunks, dim=1), logits)
     if model.args.tie_word_embeddings:

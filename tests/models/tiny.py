@@ -55,6 +55,28 @@ CONFIGS = {
         attention_bias=False,
         tie_word_embeddings=False,
     ),
+    # sliding window 8 on every layer, head_dim given
+    "mistral": dict(_BASE, model_type="mistral", rms_norm_eps=1e-5, rope_theta=1000000.0, head_dim=16,
+                    sliding_window=8, tie_word_embeddings=False),
+    # fused qkv_proj and gate_up_proj, sliding window 8, LongRoPE (short factors up to 32 positions)
+    "phi3": dict(_BASE, model_type="phi3", rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_theta=10000.0, sliding_window=8,
+                 max_position_embeddings=128, original_max_position_embeddings=32, tie_word_embeddings=False,
+                 rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                               "long_factor": [1.0 + 0.5 * i for i in range(8)]}),
+    # GeGLU, sandwich norms, (1 + w) norms, embedding scale, query_pre_attn_scalar, attention and final
+    # softcapping (low caps, so they bite), alternating sliding window 8, tied
+    "gemma2": dict(_BASE, model_type="gemma2", pad_token_id=0, bos_token_id=2, eos_token_id=1, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                   rope_theta=10000.0, head_dim=32, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0, sliding_window=8, num_hidden_layers=3, tie_word_embeddings=True,
+                   initializer_range=0.3),
+    # q/k norms, 5 local layers (window 8, base 10k) per global one (base 1M, linear scaling), no caps
+    "gemma3_text": dict(_BASE, model_type="gemma3_text", pad_token_id=0, bos_token_id=2, eos_token_id=1, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                        head_dim=32, query_pre_attn_scalar=32, sliding_window=8, num_hidden_layers=7,
+                        layer_types=["sliding_attention"] * 5 + ["full_attention", "sliding_attention"],
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                         "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                            "rope_theta": 1000000.0}},
+                        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True),
 }
 
 
@@ -67,7 +89,7 @@ def make_checkpoint(name: str, out_dir: Path, *, max_shard_size=None, seed: int 
         tensors = {k: t.clone() for k, t in load_file(path).items()}  # no views of the file we rewrite
         for key, t in tensors.items():
             if key.endswith("norm.weight"):
-                tensors[key] = 1 + 0.3 * torch.randn(t.shape, generator=gen)
+                tensors[key] = t + 0.3 * torch.randn(t.shape, generator=gen)
         save_file(tensors, path, metadata={"format": "pt"})
     return out_dir
 
