@@ -23,7 +23,15 @@ from torch import nn
 
 from kdtune.checkpointing.hf_format import to_hf
 from kdtune.errors import KDTuneError
-from kdtune.modules.lora import ATTN_MODULES, MLP_MODULES, OUTPUT_MODULE, apply_lora, lora_modules
+from kdtune.modules.lora import (
+    ATTN_MODULES,
+    FUSED_MLP_MODULES,
+    FUSED_QKV,
+    MLP_MODULES,
+    OUTPUT_MODULE,
+    apply_lora,
+    lora_modules,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -135,14 +143,14 @@ def read_peft_config(adapter_dir: str | Path) -> dict:
         if key not in config:
             raise KDTuneError(f"{path}: missing {key!r}")
     targets = config["target_modules"]
-    allowed = set(ATTN_MODULES) | set(MLP_MODULES) | {OUTPUT_MODULE}
+    allowed = set(ATTN_MODULES) | set(MLP_MODULES) | set(FUSED_MLP_MODULES) | {FUSED_QKV, OUTPUT_MODULE}
     if not isinstance(targets, list) or not set(targets) <= allowed:
         raise KDTuneError(f"{path}: target_modules = {targets!r} must be a list drawn from {sorted(allowed)}")
-    mlp = set(targets) & set(MLP_MODULES)
-    if mlp and mlp != set(MLP_MODULES):
+    mlp = set(targets) & (set(MLP_MODULES) | set(FUSED_MLP_MODULES))
+    if mlp and mlp not in (set(MLP_MODULES), set(FUSED_MLP_MODULES)):
         raise KDTuneError(
             f"{path}: target_modules = {targets!r} adapts part of the MLP; "
-            f"kdtune adapts all of {list(MLP_MODULES)} or none"
+            f"kdtune adapts all of {list(MLP_MODULES)} (Phi-3: {list(FUSED_MLP_MODULES)}) or none"
         )
     return config
 
@@ -157,10 +165,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, *, quantize_bas
     config = read_peft_config(adapter_dir)
     targets = config["target_modules"]
     if not lora_modules(model):
+        attn = [m for m in ATTN_MODULES if m in targets or (FUSED_QKV in targets and m != "o_proj")]
         apply_lora(
             model,
-            lora_attn_modules=[m for m in ATTN_MODULES if m in targets],
-            apply_lora_to_mlp=MLP_MODULES[0] in targets,
+            lora_attn_modules=attn,
+            apply_lora_to_mlp="down_proj" in targets,
             apply_lora_to_output=OUTPUT_MODULE in targets,
             lora_rank=config["r"],
             lora_alpha=config["lora_alpha"],

@@ -22,6 +22,10 @@ from kdtune.errors import KDTuneError
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 OUTPUT_MODULE = "lm_head"
+# Phi-3 keeps q/k/v and gate/up as single projections (as its checkpoints and PEFT do): naming q, k
+# and v adapts its qkv_proj, the MLP its gate_up_proj and down_proj.
+FUSED_QKV, FUSED_GATE_UP = "qkv_proj", "gate_up_proj"
+FUSED_MLP_MODULES = (FUSED_GATE_UP, "down_proj")
 
 # torchao's NF4 defaults: 64 weights share a scale, 256 scales share a second-level scale.
 _NF4_BLOCK = 64
@@ -167,7 +171,9 @@ def apply_lora(
     """Wrap the chosen projections in ``LoRALinear`` in place and freeze everything but the adapters.
 
     Targets are ``*.self_attn.<name>`` for each of ``lora_attn_modules``, every ``*.mlp.{gate,up,
-    down}_proj`` with ``apply_lora_to_mlp``, and ``lm_head`` with ``apply_lora_to_output``.
+    down}_proj`` with ``apply_lora_to_mlp``, and ``lm_head`` with ``apply_lora_to_output``. In a model
+    with fused projections (Phi-3) q, k and v are adapted together as ``qkv_proj`` (name all three
+    or none) and the MLP as ``gate_up_proj`` and ``down_proj``.
     ``quantize_base`` stores the base weights of exactly these wrapped layers in NF4; all other
     weights (embeddings, norms, projections without LoRA) keep their dtype. Load the base weights
     and cast the model before calling this, so the NF4 weights are made from the real ones.
@@ -178,9 +184,17 @@ def apply_lora(
             "apply_lora_to_output: this model ties its output projection to embed_tokens "
             "(it has no lm_head), so there is no separate output layer to adapt; set it to false"
         )
-    suffixes = {f"self_attn.{m}" for m in lora_attn_modules}
+    fused = any(name.endswith(f".{FUSED_QKV}") for name, _ in model.named_modules())
+    attn = set(lora_attn_modules)
+    if fused:
+        named = attn & {"q_proj", "k_proj", "v_proj"}
+        if named and len(named) < 3:
+            raise KDTuneError(f"lora_attn_modules: {sorted(named)} names part of this model's fused {FUSED_QKV} "
+                              f"(Phi-3 projects q, k and v as one); name all of q_proj, k_proj, v_proj or none")
+        attn = (attn - named) | ({FUSED_QKV} if named else set())
+    suffixes = {f"self_attn.{m}" for m in attn}
     if apply_lora_to_mlp:
-        suffixes |= {f"mlp.{m}" for m in MLP_MODULES}
+        suffixes |= {f"mlp.{m}" for m in (FUSED_MLP_MODULES if fused else MLP_MODULES)}
     targets = [
         name
         for name, module in model.named_modules()

@@ -6,7 +6,9 @@ import torch
 
 from kdtune.checkpointing import HFCheckpointer, load_model, write_random_checkpoint
 from kdtune.checkpointing.peft import ADAPTER_SUBDIR, load_peft_adapter, save_peft_adapter
+from kdtune.errors import KDTuneError
 from kdtune.modules.lora import apply_lora, lora_modules, lora_state_dict, merge_lora_state_dict
+from tests.models.tiny import make_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for HF checkpoints")
 peft = pytest.importorskip("peft", reason="peft is the reference for the adapter format")
@@ -16,8 +18,14 @@ COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_la
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"], ids=["qwen2-untied", "llama-tied"])
+FAMILIES = ["mistral", "phi3", "gemma2", "gemma3_text"]  # tests/models/tiny.py's configs of these families
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama", *FAMILIES],
+                ids=["qwen2-untied", "llama-tied", *FAMILIES])
 def base_dir(request, tmp_path_factory):
+    if request.param in FAMILIES:
+        return make_checkpoint(request.param, tmp_path_factory.mktemp(request.param), seed=3)
     config = dict(COMMON, model_type=request.param, tie_word_embeddings=request.param == "llama")
     return write_random_checkpoint(config, tmp_path_factory.mktemp(request.param), seed=3)
 
@@ -96,3 +104,30 @@ def test_qlora_runs_on_cpu_and_matches_the_dequantized_model(base_dir, randomize
     logits.logsumexp(-1).sum().backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == set(lora_state_dict(model))
     assert all(torch.isfinite(p.grad).all() for p in lora_state_dict(model).values())
+
+
+def test_kdtune_loads_an_adapter_peft_trained_with_the_same_logits(base_dir, tmp_path):
+    """The other direction: peft's own adapter on the HF model (its family's module names, Phi-3's
+    fused qkv_proj and gate_up_proj included) gives the same logits on the native model."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    fused = hf.config.model_type == "phi3"
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if fused else \
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        expected = peft_model.eval()(input_ids=TOKENS).logits
+    peft_model.save_pretrained(tmp_path)
+    model = load_peft_adapter(load_model(base_dir), tmp_path)
+    assert {name.rpartition(".")[2] for name in lora_modules(model)} == set(targets)
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_part_of_a_fused_projection_is_refused(tmp_path):
+    model = load_model(make_checkpoint("phi3", tmp_path))
+    with pytest.raises(KDTuneError, match="names part of this model's fused qkv_proj"):
+        apply_lora(model, lora_attn_modules=["q_proj", "v_proj"])
