@@ -9,6 +9,7 @@ ones. Hidden channels are kept alike everywhere: the embedding's columns, every 
 input or output dimension, every norm's weight and the output head.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,13 @@ def check_targets(args: ModelArgs, *, num_layers_to_remove: int = 0, num_layers:
                               ("hidden_size", hidden_size, args.hidden_size)):
         if value is not None and not 1 <= value <= limit:
             raise KDTuneError(f"{key}: expected 1 to the model's {limit}, got {value}")
+    widths = {"intermediate_size": intermediate_size, "num_attention_heads": num_attention_heads,
+              "hidden_size": hidden_size}
+    cut = [key for key, value in widths.items() if value is not None and value != getattr(args, key.replace(
+        "num_attention_heads", "num_heads"))]
+    if args.fused_projections and cut:
+        raise KDTuneError(f"{cut[0]}: width pruning of {args.model_type}'s fused qkv_proj/gate_up_proj is not "
+                          f"supported; remove layers only (num_layers_to_remove)")
     if num_attention_heads is not None:
         per_group = args.num_heads // args.num_kv_heads
         if not per_group <= num_attention_heads <= args.num_heads or num_attention_heads % per_group:
@@ -87,8 +95,12 @@ def plan_pruning(importance: Importance, args: ModelArgs, *, remove: int, layer_
 def pruned_args(args: ModelArgs, plan: PruningPlan) -> ModelArgs:
     per_group = args.num_heads // args.num_kv_heads
     groups = len(plan.kv_groups[0])
+    types = None if args.layer_types is None else tuple(args.layer_types[i] for i in plan.layers)
+    # Gemma scales its embeddings by sqrt(hidden_size): the pruned width's, as its config.json implies
+    scale = None if args.embed_scale is None else math.sqrt(len(plan.hidden))
     return args.replace(num_layers=len(plan.layers), num_kv_heads=groups, num_heads=groups * per_group,
-                        intermediate_size=len(plan.channels[0]), hidden_size=len(plan.hidden))
+                        intermediate_size=len(plan.channels[0]), hidden_size=len(plan.hidden), layer_types=types,
+                        embed_scale=scale)
 
 
 def pruned_config(config: dict, args: ModelArgs, plan: PruningPlan) -> dict:
@@ -97,8 +109,8 @@ def pruned_config(config: dict, args: ModelArgs, plan: PruningPlan) -> dict:
     out = dict(config, num_hidden_layers=new.num_layers, num_attention_heads=new.num_heads,
                num_key_value_heads=new.num_kv_heads, intermediate_size=new.intermediate_size,
                hidden_size=new.hidden_size, head_dim=args.head_dim)
-    if isinstance(config.get("layer_types"), list):
-        out["layer_types"] = [config["layer_types"][i] for i in plan.layers]
+    if new.layer_types is not None:  # explicit, also where the source gave a pattern (Gemma 3's every 6th)
+        out["layer_types"] = list(new.layer_types)
     if isinstance(config.get("max_window_layers"), int):
         out["max_window_layers"] = min(config["max_window_layers"], new.num_layers)
     return out
@@ -137,7 +149,7 @@ def prune_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, plan: Prun
             if module in cut:
                 keep_rows, keep_cols = cut[module]
                 tensor = tensor[keep_rows][:, keep_cols] if kind == "weight" else tensor[keep_rows]
-            elif module in ("input_layernorm", "post_attention_layernorm"):
+            elif module.endswith("layernorm"):  # Gemma's pre/post feed-forward norms too
                 tensor = tensor[hidden]
             out[f"layers.{new}.{local}"] = tensor.clone()  # q_norm / k_norm act per head_dim: unchanged
     return out

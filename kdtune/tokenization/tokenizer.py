@@ -20,7 +20,7 @@ from kdtune.tokenization.chat_template import ChatTemplate
 # End-of-turn tokens of common families. They count as stop tokens whenever the vocabulary has
 # them, because base checkpoints name only their end-of-text token as EOS while a chat template
 # (possibly supplied by the config) ends turns with one of these.
-_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
+_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
 
 # Files that make up a tokenizer in a Hugging Face checkpoint, copied by `Tokenizer.save`.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
