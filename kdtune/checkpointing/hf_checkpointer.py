@@ -16,6 +16,7 @@ from kdtune.checkpointing.hf_format import (
     TOKENIZER_FILES,
     iter_tensors,
     read_config,
+    text_config,
     to_hf,
     to_native,
     with_dtype,
@@ -31,7 +32,8 @@ class HFCheckpointer:
     """Reads ``checkpoint_dir`` (``config.json`` + safetensors) and writes ``output_dir/step_N``.
 
     ``config.json`` is read (and checked) on construction, so a wrong ``checkpoint_dir`` fails
-    before any training or writing starts.
+    before any training or writing starts. Of a vision-language checkpoint (Gemma 3 4B and up) the
+    text model is read, and saved as a text-only checkpoint (``Gemma3ForCausalLM``).
     """
 
     def __init__(
@@ -44,7 +46,9 @@ class HFCheckpointer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.max_shard_size = max_shard_size
-        self.config = read_config(self.checkpoint_dir)
+        source = read_config(self.checkpoint_dir)
+        self.vision_language = source is not text_config(source)
+        self.config = text_config(source)
         self.model_args = ModelArgs.from_hf_config(self.config, source=str(self.checkpoint_dir / CONFIG))
 
     def load(self, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> dict:
@@ -57,8 +61,8 @@ class HFCheckpointer:
         tied = self.model_args.tie_word_embeddings
         state = {}
         for hf_name, tensor in iter_tensors(self.checkpoint_dir):
-            name = to_native(hf_name)
-            if tied and name == "lm_head.weight":
+            name = to_native(hf_name, self.vision_language)
+            if name is None or (tied and name == "lm_head.weight"):
                 continue
             state[name] = tensor.to(device=device, dtype=dtype)
         return state

@@ -55,7 +55,43 @@ def read_config(checkpoint_dir: Path) -> dict:
         raise KDTuneError(f"{path}: not valid JSON ({e})") from None
 
 
-def to_native(hf_name: str) -> str:
+# Vision-language checkpoints whose text model kdtune reads (and writes as a text-only checkpoint):
+# Gemma 3 from 4B up. Their text_config leaves out what equals transformers' defaults, given here.
+VISION_LANGUAGE = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+    "final_logit_softcapping": None, "attn_logit_softcapping": None,
+}
+_TEXT_PREFIXES = ("language_model.model.", "model.language_model.")  # as transformers 4 and 5 name them
+_TEXT_HEADS = ("language_model.lm_head.weight", OUTPUT_NAME)
+
+
+def text_config(config: dict) -> dict:
+    """The config of the decoder kdtune runs: ``config`` itself, or for a vision-language checkpoint
+    its ``text_config`` as a standalone text-only config (what the checkpoints kdtune writes hold)."""
+    if config.get("model_type") not in VISION_LANGUAGE:
+        return config
+    model_type, architecture = VISION_LANGUAGE[config["model_type"]]
+    text = {**_GEMMA3_TEXT_DEFAULTS, **(config.get("text_config") or {})}
+    text.update(model_type=model_type, architectures=[architecture],
+                tie_word_embeddings=config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            text.setdefault(key, config[key])
+    return text
+
+
+def to_native(hf_name: str, vision_language: bool = False) -> str | None:
+    """The native name of a checkpoint tensor; None for the vision tower and projector of a
+    vision-language checkpoint, which kdtune leaves out."""
+    if vision_language:
+        if hf_name in _TEXT_HEADS:
+            return OUTPUT_NAME
+        prefix = next((p for p in _TEXT_PREFIXES if hf_name.startswith(p)), None)
+        return None if prefix is None else hf_name[len(prefix):]
     return hf_name if hf_name == OUTPUT_NAME else hf_name.removeprefix("model.")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdtune.checkpointing.hf_format import read_config
+from kdtune.checkpointing.hf_format import read_config, text_config
 from kdtune.errors import KDTuneError
 
 
@@ -38,7 +38,7 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tok
     they map some id below ``tokenizer_vocab_size`` to different tokens.
     """
     for who, folder in (("student", student_dir), ("teacher", teacher_dir)):
-        size = read_config(Path(folder))["vocab_size"]
+        size = text_config(read_config(Path(folder)))["vocab_size"]
         if size < tokenizer_vocab_size:
             raise KDTuneError(
                 f"the {who} ({folder}) has {size} embedding rows but the tokenizer has {tokenizer_vocab_size} "

@@ -100,9 +100,6 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelArgs:
         """Translate a ``config.json`` dict; ``source`` names the file in error messages."""
         model_type = cfg.get("model_type")
-        if model_type == "gemma3":
-            raise KDTuneError(f"{source}: model_type 'gemma3' is Gemma 3's vision-language checkpoint; kdtune reads "
-                              f"the text-only 'gemma3_text' (Gemma3ForCausalLM) checkpoints")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise KDTuneError(
                 f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"

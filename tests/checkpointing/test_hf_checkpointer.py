@@ -238,3 +238,40 @@ def test_parse_size(text, size):
 def test_parse_size_rejects(text):
     with pytest.raises(KDTuneError, match="max_shard_size"):
         parse_size(text)
+
+
+def test_gemma3_vision_language_checkpoint_gives_its_text_model(tmp_path):
+    """Gemma 3 from 4B up ships as Gemma3ForConditionalGeneration: kdtune runs its text model (the
+    logits transformers gives for text alone), leaving the vision tower out, also when text_config
+    omits what equals transformers' defaults; it saves that model as a text-only checkpoint."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference implementation")
+    text = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, sliding_window=8, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    hf.save_pretrained(tmp_path / "vlm")
+    saved = json.loads((tmp_path / "vlm" / "config.json").read_text())
+    for key in ("query_pre_attn_scalar", "rms_norm_eps", "hidden_activation", "max_position_embeddings"):
+        saved["text_config"].pop(key)  # transformers' defaults, as the published config.json leaves them out
+    (tmp_path / "vlm" / "config.json").write_text(json.dumps(saved))
+    reference = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "vlm", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 160, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(input_ids=tokens).logits
+        got = load_model(tmp_path / "vlm")(tokens)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    checkpointer = HFCheckpointer(tmp_path / "vlm", tmp_path / "out")
+    step = checkpointer.save(checkpointer.load(), step=1)
+    assert json.loads((step / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+    text_only = transformers.AutoModelForCausalLM.from_pretrained(step, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(text_only(tokens).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(load_model(step)(tokens), expected, atol=1e-5, rtol=0)

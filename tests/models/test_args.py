@@ -58,7 +58,6 @@ def test_rope_parameters_spelling_equals_classic_keys():
     "change, message",
     [
         ({"model_type": "falcon"}, "unsupported model_type 'falcon'"),
-        ({"model_type": "gemma3"}, "Gemma 3's vision-language checkpoint"),
         ({"model_type": "phi3", "rope_scaling": {"type": "su"}}, "unsupported rope scaling type 'su'"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
         ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not supported"),

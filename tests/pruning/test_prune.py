@@ -14,7 +14,9 @@ import torch.nn.functional as F
 import kdtune
 from kdtune.checkpointing import HFCheckpointer, write_checkpoint
 from kdtune.datasets import arithmetic_rows
+from kdtune.errors import KDTuneError
 from kdtune.pruning import calibration_batches, measure_importance, plan_pruning, prune_state_dict, pruned_config
+from kdtune.pruning.structure import check_targets
 from kdtune.training import read_metrics
 from tests.cli_utils import REPO, run_kdtune
 from tests.models.tiny import CONFIGS, make_checkpoint
@@ -116,7 +118,7 @@ def test_importance_equals_a_float64_reference(family, tmp_path):
     assert got.base_loss == pytest.approx(want["base_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3_scaled", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "llama3_scaled", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"])
 def test_a_pruned_checkpoint_gives_transformers_logits(family, tmp_path):
     folder = make_checkpoint(family, tmp_path / family)
     data = Samples(CONFIGS[family]["vocab_size"])
@@ -252,3 +254,10 @@ def test_a_pruned_teacher_is_a_student_for_distillation(world, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(read_metrics(tmp_path / "kd" / "metrics.jsonl")) == 2
     _ = base_overrides  # the same world as the recipe tests
+
+
+def test_width_pruning_of_fused_projections_is_refused(tmp_path):
+    args = HFCheckpointer(make_checkpoint("phi3", tmp_path / "phi3")).model_args
+    with pytest.raises(KDTuneError, match="intermediate_size: width pruning of phi3's fused"):
+        check_targets(args, intermediate_size=48)
+    assert check_targets(args, num_layers_to_remove=1) == 1  # depth alone is fine
