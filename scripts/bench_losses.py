@@ -1,4 +1,4 @@
-"""Benchmark the distillation loss forms at the Qwen2-0.5B output head.
+"""Benchmark the distillation loss forms at an output head (default Qwen2-0.5B's), softcapped or not.
 
 Each (form, token count, weight mode) runs in its own subprocess, so peak memory is that form's
 alone: peak RSS growth over the state after setup on CPU (the kernel's VmHWM, reset after setup
@@ -11,6 +11,11 @@ The student head is Qwen2-0.5B's (V = 151,936, hidden 896), the teacher's Qwen2-
 1536), all bf16. "frozen" leaves the student's output weight without gradient (LoRA), "trainable"
 also computes it (full fine-tuning, tied embeddings). Every form computes
 ``0.5 * CE + 0.5 * divergence`` from hidden states, so the output projections are included.
+
+``--vocab``, ``--hidden STUDENT TEACHER`` and ``--softcap STUDENT TEACHER`` set another head: Gemma 3
+1B/4B is ``--vocab 262144 --hidden 1152 2560``, and ``--softcap 30 30`` caps both models' logits at 30
+(Gemma 2's final-logit softcapping) in every kdtune form (torchtune and TRL have no cap: their rows
+are skipped then).
 
     python scripts/bench_losses.py [--tokens 2048 8192] [--weights frozen trainable] [--forms full fused]
 
@@ -31,44 +36,45 @@ import torch
 from kdtune.losses import CrossEntropyLoss, FusedLinearKDLoss
 from kdtune.losses.fused import DEFAULT_CHUNK_SIZE
 from kdtune.losses.divergences import ForwardKLLoss, GeneralizedJSDLoss, ReverseKLLoss, TVDLoss
+from kdtune.modules.softcap import softcap
 
-VOCAB, D_STUDENT, D_TEACHER = 151_936, 896, 1536
+VOCAB, D_STUDENT, D_TEACHER = 151_936, 896, 1536  # the defaults of --vocab and --hidden
 OUTPUT_CHUNKS = 8  # how many sequence chunks the chunked form gets, as torchtune's recipes use
 DIVERGENCES = {"forward_kl": ForwardKLLoss, "reverse_kl": ReverseKLLoss, "jsd": GeneralizedJSDLoss, "tvd": TVDLoss}
 FORMS = ["full", "chunked", "fused", "torchtune", "trl"]
 GiB = 2**30
 
 
-def make_inputs(tokens: int, trainable: bool, device: str) -> dict:
+def make_inputs(tokens: int, trainable: bool, device: str, vocab: int, hidden: tuple[int, int]) -> dict:
     g = torch.Generator(device).manual_seed(0)
     bf16 = {"dtype": torch.bfloat16, "device": device, "generator": g}
-    labels = torch.randint(0, VOCAB, (1, tokens), generator=g, device=device)
+    labels = torch.randint(0, vocab, (1, tokens), generator=g, device=device)
     labels[0, torch.arange(0, tokens, 32, device=device)] = -100  # some ignored positions
     return {
-        "hidden": torch.randn(1, tokens, D_STUDENT, **bf16).requires_grad_(),
-        "weight": (torch.randn(VOCAB, D_STUDENT, **bf16) * 0.02).requires_grad_(trainable),
-        "t_hidden": torch.randn(1, tokens, D_TEACHER, **bf16),
-        "t_weight": torch.randn(VOCAB, D_TEACHER, **bf16) * 0.02,
+        "hidden": torch.randn(1, tokens, hidden[0], **bf16).requires_grad_(),
+        "weight": (torch.randn(vocab, hidden[0], **bf16) * 0.02).requires_grad_(trainable),
+        "t_hidden": torch.randn(1, tokens, hidden[1], **bf16),
+        "t_weight": torch.randn(vocab, hidden[1], **bf16) * 0.02,
         "labels": labels,
     }
 
 
-def step(form: str, x: dict, divergence, chunk_size: int) -> None:
-    """One forward+backward of ``0.5 * CE + 0.5 * KD`` from hidden states."""
+def step(form: str, x: dict, divergence, chunk_size: int, caps: tuple) -> None:
+    """One forward+backward of ``0.5 * CE + 0.5 * KD`` from hidden states, each model's logits capped."""
     if form == "fused":
-        fused = FusedLinearKDLoss(divergence, chunk_size=chunk_size)
+        fused = FusedLinearKDLoss(divergence, chunk_size=chunk_size, student_softcap=caps[0], teacher_softcap=caps[1])
         ce, kd = fused(x["hidden"], x["weight"], x["t_hidden"], x["t_weight"], x["labels"], kd_ratio=0.5)
         (0.5 * ce + 0.5 * kd).backward()
         return
     split = -(-x["hidden"].shape[1] // OUTPUT_CHUNKS)
     if form in ("full", "trl"):
-        student = x["hidden"] @ x["weight"].T
+        student = softcap(x["hidden"] @ x["weight"].T, caps[0])
         with torch.no_grad():
-            teacher = x["t_hidden"] @ x["t_weight"].T
+            teacher = softcap(x["t_hidden"] @ x["t_weight"].T, caps[1])
     else:
-        student = [h @ x["weight"].T for h in x["hidden"].split(split, dim=1)]
+        student = [softcap(h @ x["weight"].T, caps[0]) for h in x["hidden"].split(split, dim=1)]
         with torch.no_grad():
-            teacher = [h @ x["t_weight"].T for h in x["t_hidden"].split(split, dim=1)]
+            teacher = [softcap(h @ x["t_weight"].T, caps[1]) for h in x["t_hidden"].split(split, dim=1)]
     ce = CrossEntropyLoss()(student, x["labels"])
     if form in ("full", "chunked"):
         kd = divergence(student, teacher, x["labels"])
@@ -111,13 +117,14 @@ def worker(args) -> None:
     """Two forward+backward passes in a fresh process: cold (the first call: allocations, first
     touches of memory, one-time setup) and warm (the second), each with its peak memory growth."""
     divergence = DIVERGENCES[args.divergence]()
-    x = make_inputs(args.tokens[0], args.weights[0] == "trainable", args.device)
+    x = make_inputs(args.tokens[0], args.weights[0] == "trainable", args.device, args.vocab, tuple(args.hidden))
+    caps = tuple(args.softcap) if args.softcap else (None, None)
     result = {}
     for call in ("cold", "warm"):
         x["hidden"].grad = x["weight"].grad = None
         base = peak_reset(args.device)
         start = time.perf_counter()
-        step(args.form, x, divergence, args.chunk_size)
+        step(args.form, x, divergence, args.chunk_size, caps)
         if args.device == "cuda":
             torch.cuda.synchronize()
         result[call] = time.perf_counter() - start
@@ -143,7 +150,9 @@ def available_memory(device: str) -> int:
 
 def run(form: str, tokens: int, weights: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", form, "--tokens", str(tokens), "--weights", weights,
-           "--divergence", args.divergence, "--chunk-size", str(args.chunk_size), "--device", args.device]
+           "--divergence", args.divergence, "--chunk-size", str(args.chunk_size), "--device", args.device,
+           "--vocab", str(args.vocab), "--hidden", *map(str, args.hidden), *(["--softcap", *map(str, args.softcap)]
+                                                                              if args.softcap else [])]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"note": f"failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"}
@@ -158,6 +167,10 @@ def main() -> None:
     p.add_argument("--divergence", choices=sorted(DIVERGENCES), default="forward_kl")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per chunk of the fused form")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary (output rows) of both heads")
+    p.add_argument("--hidden", type=int, nargs=2, default=[D_STUDENT, D_TEACHER], metavar=("STUDENT", "TEACHER"))
+    p.add_argument("--softcap", type=float, nargs=2, metavar=("STUDENT", "TEACHER"),
+                   help="cap each model's final logits (Gemma 2: 30 30)")
     p.add_argument("--worker", choices=FORMS, dest="form", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.form:
@@ -166,7 +179,9 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"# torch {torch.__version__}, device {args.device}"
           f" ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{cpu}, {os.cpu_count()} cores'}),"
-          f" divergence {args.divergence}, fused chunk_size {args.chunk_size}, {OUTPUT_CHUNKS} output chunks")
+          f" divergence {args.divergence}, fused chunk_size {args.chunk_size}, {OUTPUT_CHUNKS} output chunks,"
+          f" vocab {args.vocab}, hidden {args.hidden[0]}/{args.hidden[1]},"
+          f" softcap {'/'.join(f'{c:g}' for c in args.softcap) if args.softcap else 'off'}")
     print("| tokens | student weight | form | cold s | warm s | cold vs full | warm vs full | peak extra GiB "
           "| memory vs full |")
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
@@ -176,6 +191,10 @@ def main() -> None:
         for weights in args.weights:
             baseline = None
             for form in args.forms:
+                if form in ("torchtune", "trl") and args.softcap:
+                    note = f"{form} has no logit softcapping: its row is skipped"
+                    notes += [note] if note not in notes else []
+                    continue
                 if form in ("torchtune", "trl") and not importable(form):
                     note = f"{form} is not importable: its row is skipped"
                     notes += [note] if note not in notes else []
