@@ -100,3 +100,33 @@ def test_batch_size_does_not_change_results(qwen_checkpoint, backends):
                         one.loglikelihood(_requests("loglikelihood", PAIRS)))
     requests = _requests("generate_until", [(p, {"max_gen_toks": 5}) for p in PROMPTS])
     assert one.generate_until(requests) == ours.generate_until(requests)
+
+
+def test_scores_are_those_of_the_capped_logits(qwen_checkpoint, tmp_path):
+    """A model that caps its final logits (Gemma 2) is scored on the capped logits its forward
+    returns; with a cap this low, the uncapped scores would differ."""
+    import shutil
+
+    from kdtune.checkpointing import write_random_checkpoint
+    from tests.models.tiny import qwen_tokenizer_config
+
+    config = qwen_tokenizer_config(model_type="gemma2", head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                                   attn_logit_softcapping=5.0, final_logit_softcapping=2.0, initializer_range=0.5)
+    folder = write_random_checkpoint(config, tmp_path / "gemma2", seed=0)
+    for file in qwen_checkpoint.iterdir():
+        if not file.name.startswith(("model", "config")):
+            shutil.copy(file, folder / file.name)
+    model = load_model(folder)
+    lm = KDTuneLM(model, load_tokenizer(folder), batch_size=2, max_length=MAX_LENGTH)
+    scores = lm.loglikelihood(_requests("loglikelihood", PAIRS[:2]))
+    for (context, continuation), (score, _) in zip(PAIRS[:2], scores):
+        ctx, cont = lm._encode_pair(context, continuation)
+        tokens = torch.tensor([ctx + cont])[:, :-1]
+        with torch.no_grad():
+            logits = model(tokens)[0, -len(cont):]
+            raw = torch.nn.functional.linear(model(tokens, return_hidden=True)[0, -len(cont):], model.output_weight)
+        targets = torch.tensor(cont)
+        capped = logits.log_softmax(-1).gather(1, targets[:, None]).sum()
+        uncapped = raw.log_softmax(-1).gather(1, targets[:, None]).sum()
+        assert score == pytest.approx(float(capped), rel=1e-5)
+        assert abs(float(uncapped) - float(capped)) > 0.1
