@@ -29,23 +29,28 @@ def _token_table(checkpoint_dir: Path) -> dict[int, str] | None:
     return table
 
 
-def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tokenizer_vocab_size: int) -> int:
-    """Return the number of output rows both checkpoints' models are scored on
-    (``tokenizer_vocab_size``), checked before training starts.
+def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tokenizer_vocab_size: int,
+                           marker_ids: frozenset[int] = frozenset()) -> int:
+    """Return the number of output rows both checkpoints' models are scored on, checked before
+    training starts: ``tokenizer_vocab_size``, or fewer when the tokenizer's last ids are markers
+    (``Tokenizer.marker_ids``: special, not BOS/EOS/padding) a model has no rows for (Gemma 3 1B's tokenizer ends with ``<image_soft_token>`` at id
+    262,144, one past its 262,144 rows; text never holds such tokens, so no label or prediction is lost).
 
-    Raises a KDTuneError when either ``vocab_size`` in ``config.json`` is smaller than the tokenizer
-    (it cannot be that model's tokenizer), or when both checkpoints ship a ``tokenizer.json`` and
-    they map some id below ``tokenizer_vocab_size`` to different tokens.
+    Raises a KDTuneError when a model lacks rows for an ordinary token id (it cannot be that model's
+    tokenizer), or when both checkpoints ship a ``tokenizer.json`` and they map some scored id to
+    different tokens.
     """
+    scored = tokenizer_vocab_size
     for who, folder in (("student", student_dir), ("teacher", teacher_dir)):
         size = text_config(read_config(Path(folder)))["vocab_size"]
-        if size < tokenizer_vocab_size:
+        if size < tokenizer_vocab_size and not set(range(size, tokenizer_vocab_size)) <= marker_ids:
             raise KDTuneError(
                 f"the {who} ({folder}) has {size} embedding rows but the tokenizer has {tokenizer_vocab_size} "
                 "tokens: teacher and student must use the same tokenizer"
             )
-    check_same_tokens(student_dir, teacher_dir, tokenizer_vocab_size)
-    return tokenizer_vocab_size
+        scored = min(scored, size)
+    check_same_tokens(student_dir, teacher_dir, scored)
+    return scored
 
 
 def check_same_tokens(first_dir: str | Path, second_dir: str | Path, vocab_size: int) -> None:

@@ -130,6 +130,14 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     @cached_property
+    def marker_ids(self) -> frozenset[int]:
+        """Ids of special added tokens other than BOS, EOS, padding and end-of-turn: markers such as
+        Gemma 3's image placeholder, which encoding text never gives and generation never stops on."""
+        roles = {*self.eos_ids, self.bos_id, self.pad_id}
+        return frozenset(i for i, token in self._tok.get_added_tokens_decoder().items()
+                         if token.special and i not in roles)
+
+    @cached_property
     def vocab_fingerprint(self) -> str:
         """A hash of the token-to-id mapping: teacher and student must agree on it to distill."""
         vocab = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])

@@ -40,7 +40,8 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
     checkpointer = instantiate(cfg.checkpointer)
     teacher_checkpointer = None if cache else instantiate(cfg.teacher_checkpointer)
     vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir,
-                                        (teacher_checkpointer or checkpointer).checkpoint_dir, tokenizer.vocab_size)
+                                        (teacher_checkpointer or checkpointer).checkpoint_dir, tokenizer.vocab_size,
+                                        tokenizer.marker_ids)
     hidden = None
     if cfg.get("hidden_state_loss") is not None:
         if cache:

@@ -37,3 +37,13 @@ def test_embedding_smaller_than_the_tokenizer_is_refused(tmp_path):
     teacher = _checkpoint(tmp_path / "teacher", ["x", "y", "z", "<eos>"], vocab_size=3)
     with pytest.raises(KDTuneError, match=r"the teacher \(.*\) has 3 embedding rows but the tokenizer has 4 tokens"):
         check_vocab_compatible(student, teacher, tokenizer_vocab_size=4)
+
+
+def test_markers_past_a_models_rows_are_not_scored(tmp_path):
+    """Gemma 3 1B: its tokenizer's last id (an image placeholder) is past its embedding rows. Special
+    markers there are left out of the scored vocabulary; an ordinary token there is still refused."""
+    student = _checkpoint(tmp_path / "student", ["x", "y", "z", "<image>"], vocab_size=3)
+    teacher = _checkpoint(tmp_path / "teacher", ["x", "y", "z", "<image>"], vocab_size=8)
+    assert check_vocab_compatible(student, teacher, tokenizer_vocab_size=4, marker_ids=frozenset({3})) == 3
+    with pytest.raises(KDTuneError, match="has 3 embedding rows but the tokenizer has 4 tokens"):
+        check_vocab_compatible(student, teacher, tokenizer_vocab_size=4, marker_ids=frozenset({2}))

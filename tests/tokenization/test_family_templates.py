@@ -11,7 +11,7 @@ from kdtune.tokenization import load_tokenizer
 
 FAMILIES = {
     "gemma": {
-        "specials": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "specials": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<image_soft_token>"],
         "bos": "<bos>", "eos": "<eos>", "end_of_turn": "<end_of_turn>",
         "template": (
             "{{ bos_token }}"
@@ -99,3 +99,15 @@ def test_generation_stops_on_the_end_of_turn_token(family):
     tok = load_tokenizer(path)
     assert tok.encode(FAMILIES[name]["end_of_turn"], add_special_tokens=False)[0] in tok.eos_ids
 
+
+
+def test_markers_are_the_special_tokens_without_a_role(family):
+    """Gemma 3's image placeholder is a marker (distillation may leave it out of the scored ids when a
+    model has no row for it); BOS, EOS and end-of-turn never are."""
+    name, path = family
+    tok = load_tokenizer(path)
+    ids = {t: tok.encode(t, add_special_tokens=False)[0] for t in FAMILIES[name]["specials"]}
+    roles = {ids[FAMILIES[name][key]] for key in ("bos", "eos", "end_of_turn")}
+    assert not roles & tok.marker_ids
+    if name == "gemma":
+        assert ids["<image_soft_token>"] in tok.marker_ids
