@@ -206,6 +206,9 @@ def _attention_pattern(cfg: dict, model_type: str, layers: int, source: str):
     if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
         raise KDTuneError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
     types = cfg.get("layer_types")
+    if types is not None and model_type not in GEMMA:
+        raise KDTuneError(f"{source}: layer_types: {model_type} applies its sliding window to every layer "
+                          f"(transformers does not read layer_types for it)")
     if types is None:
         if model_type == "gemma2":  # even layers local, odd layers global
             types = [SLIDING if i % 2 == 0 else FULL for i in range(layers)]

@@ -12,7 +12,7 @@ from kdtune.checkpointing import ADAPTER_SUBDIR, write_random_checkpoint
 from kdtune.training import read_metrics
 from kdtune.training.models import LORA_KEYS
 from tests.cli_utils import assert_user_error, run_kdtune
-from tests.recipes.conftest import kd_overrides, tiny_config
+from tests.recipes.conftest import family_world, kd_overrides, tiny_config
 
 TORCHRUN = ("--nproc_per_node", "2", "--standalone")
 ENV = {"OMP_NUM_THREADS": "1"}  # else torchrun sets it and says so on stderr
@@ -73,6 +73,16 @@ def test_kd_matches_single_device_and_resumes(student, world, tmp_path):
     resumed = run_kd(world, tmp_path / "cut", *extra, "resume_from_checkpoint=true")
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(whole), rtol=1e-6, atol=0)
     assert_same_weights(tmp_path / "whole" / "epoch_2", tmp_path / "cut" / "epoch_2", 1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_kd_of_softcapped_and_fused_families_matches_single_device(family, world, tmp_path):
+    """Gemma 2 (softcaps, sliding windows) and Phi-3 (LoRA on the fused qkv_proj/gate_up_proj) sharded
+    over two processes follow the single-device run."""
+    models = family_world(world, family, tmp_path / "models")
+    single = run_kd(models, tmp_path / "single", "max_steps_per_epoch=2", distributed=False)
+    sharded = run_kd(models, tmp_path / "sharded", "max_steps_per_epoch=2")
+    torch.testing.assert_close(torch.tensor(sharded), torch.tensor(single), rtol=1e-5, atol=0)
 
 
 def test_qlora_finetune_shards_nf4_weights_whose_blocks_divide(world, tmp_path):

@@ -65,6 +65,7 @@ def test_rope_parameters_spelling_equals_classic_keys():
         ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be a positive integer"),
         ({"model_type": "gemma2", "final_logit_softcapping": -1}, "final_logit_softcapping must be a positive"),
         ({"model_type": "gemma2", "layer_types": ["full_attention"]}, "layer_types must list"),
+        ({"model_type": "mistral", "sliding_window": 8, "layer_types": ["full_attention"] * 2}, "layer_types: mistral applies"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling type 'yarn'"),
         ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
         ({"hidden_size": None}, None),

@@ -11,6 +11,7 @@ import pytest
 from kdtune.checkpointing import write_random_checkpoint
 from kdtune.datasets import arithmetic_rows
 from kdtune.tokenization.build import train_chatml_tokenizer
+from tests.models.tiny import CONFIGS
 
 VOCAB = 320  # the trained tokenizer has 300 ids; the models' embeddings are padded past it
 
@@ -58,3 +59,20 @@ KD_ONE_AND_TWO_PROCESSES = (
     ("sharded", ("--nproc_per_node", "2", "--standalone", "knowledge_distillation_distributed",
                  "--config", "tiny/KD_distributed", "batch_size=2")),
 )
+
+
+FAMILIES = ["mistral", "phi3", "gemma2", "gemma3_text"]  # beyond the world's own Qwen2 models
+
+
+def family_world(world, family, root):
+    """The world with its student and teacher replaced by ``family`` models of the tokenizer's width."""
+    dirs = dict(world)
+    for name, layers, seed in (("student", 2, 0), ("teacher", 3, 1)):
+        config = dict(CONFIGS[family], vocab_size=VOCAB, num_hidden_layers=layers, initializer_range=0.1)
+        config.pop("layer_types", None)  # the family's own pattern for this depth, or for Gemma 3
+        if family == "gemma3_text":  # local and global layers at this depth: every 2nd global
+            config["layer_types"] = ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+        dirs[name] = write_random_checkpoint(config, root / name, seed=seed)
+        for f in world["tokenizer"].iterdir():
+            shutil.copy(f, dirs[name] / f.name)
+    return dirs

@@ -3,30 +3,13 @@ family, random weights in the tiny world's vocabulary): Mistral and Phi-3 with s
 fused projections under LoRA, Gemma 2's softcaps, Gemma 3's local/global layers. The saved student
 loads in transformers with the logits kdtune gives it."""
 
-import shutil
-
 import pytest
 import torch
 
-from kdtune.checkpointing import load_model, write_random_checkpoint
+from kdtune.checkpointing import load_model
 from kdtune.training import read_metrics
 from tests.cli_utils import run_kdtune
-from tests.models.tiny import CONFIGS
-from tests.recipes.conftest import VOCAB, kd_overrides
-
-FAMILIES = ["mistral", "phi3", "gemma2", "gemma3_text"]
-
-
-def family_world(world, family, root):
-    """The world with its student and teacher replaced by ``family`` models of the tokenizer's width."""
-    dirs = dict(world)
-    for name, layers, seed in (("student", 2, 0), ("teacher", 3, 1)):
-        config = dict(CONFIGS[family], vocab_size=VOCAB, num_hidden_layers=layers, initializer_range=0.1)
-        config.pop("layer_types", None)  # the family's own pattern for this depth
-        dirs[name] = write_random_checkpoint(config, root / name, seed=seed)
-        for f in world["tokenizer"].iterdir():
-            shutil.copy(f, dirs[name] / f.name)
-    return dirs
+from tests.recipes.conftest import FAMILIES, family_world, kd_overrides
 
 
 @pytest.mark.parametrize("family", FAMILIES)
