@@ -18,7 +18,7 @@ from kdtune.errors import KDTuneError
 from kdtune.losses.divergences import Divergence
 from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import upcast
-from kdtune.modules.softcap import softcap
+from kdtune.modules.softcap import softcap, softcap_
 
 # Tokens per chunk: two [chunk, V] logit tensors at a time (78 MB each in bf16 at V = 152k); larger
 # chunks run the head GEMMs only a few percent faster here.
@@ -140,10 +140,12 @@ class FusedLinearKDLoss(nn.Module):
             return ce.detach(), kd.detach()
         dtype = torch.promote_types(logits.dtype, torch.float32)
         cap = self.student_softcap
-        if cap is not None:  # the gradient below is with respect to the capped logits; chained at the end
-            logits = softcap(logits.to(dtype), cap)
+        # Capped in place: the block's logits are read only here, and its gradient overwrites them
+        # (a low-precision block is first copied to float32). The gradient below is with respect to
+        # the capped logits; it is chained through the cap at the end.
+        logits = softcap_(logits.to(dtype), cap)
         if teacher is not None and self.teacher_softcap is not None:
-            teacher = softcap(upcast(teacher), self.teacher_softcap)
+            teacher = softcap_(upcast(teacher), self.teacher_softcap)
         # softmax, not log_q.exp(): see `probabilities` (log-probabilities below -87 are common)
         log_q, q = logits.log_softmax(-1, dtype=dtype), logits.softmax(-1, dtype=dtype)
         ce = -log_q.gather(-1, targets[:, None]).sum()
@@ -175,8 +177,8 @@ def _write_grad(grad: torch.Tensor, capped: torch.Tensor, cap: float | None, out
     """``out`` = the gradient with respect to the raw logits, from ``grad`` with respect to the
     ``capped`` ones: times ``1 - (capped / cap)^2``, the cap's derivative (both float32 temporaries
     of the block are reused)."""
-    if cap is not None:
-        grad.mul_(capped.div_(cap).square_().neg_().add_(1))
+    if cap is not None:  # 1 - capped^2 / cap^2 in one pass, into the capped logits' buffer
+        grad.mul_(torch.addcmul(capped.new_ones(()), capped, capped, value=-1 / cap**2, out=capped))
     out.copy_(grad)
 
 
