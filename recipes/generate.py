@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import kdtune.config
-from kdtune.checkpointing import HFCheckpointer, load_model, load_peft_adapter
+from kdtune.checkpointing import HFCheckpointer, load_model, load_peft_adapter, scored_vocab_size
 from kdtune.config import instantiate
 from kdtune.config.settings import GenerateSettings, read_settings
 from kdtune.datasets.messages import chat_messages
@@ -101,7 +101,9 @@ def main(cfg):
     model = load_model(s.checkpoint_dir, dtype=dtype, device=device)
     if s.adapter_dir:
         load_peft_adapter(model, s.adapter_dir)
-    if tokenizer.vocab_size > model.args.vocab_size:
+    # sampled over the tokenizer's ids the model has rows for (markers past them, like Gemma 3's image token, never)
+    vocab_size = scored_vocab_size(model.args.vocab_size, tokenizer.vocab_size, tokenizer.marker_ids)
+    if vocab_size is None:
         raise KDTuneError(
             f"tokenizer: {tokenizer.vocab_size} tokens do not fit the model's vocab_size "
             f"{model.args.vocab_size} ({s.checkpoint_dir}/config.json)"
@@ -120,7 +122,7 @@ def main(cfg):
             temperature=s.temperature,
             top_k=s.top_k,
             top_p=s.top_p,
-            vocab_size=tokenizer.vocab_size,
+            vocab_size=vocab_size,
             generator=generator,
         )
         generated += int(output.completion_lens.sum())

@@ -7,13 +7,14 @@ from kdtune.checkpointing.loading import load_model
 from kdtune.checkpointing.peft import ADAPTER_SUBDIR, load_peft_adapter, save_peft_adapter
 from kdtune.checkpointing.random_init import write_random_checkpoint
 from kdtune.checkpointing.recipe_state import latest_checkpoint, load_recipe_state, save_recipe_state
-from kdtune.checkpointing.vocab import check_same_tokens, check_vocab_compatible
+from kdtune.checkpointing.vocab import check_same_tokens, check_vocab_compatible, scored_vocab_size
 
 __all__ = [
     "ADAPTER_SUBDIR",
     "HFCheckpointer",
     "check_same_tokens",
     "check_vocab_compatible",
+    "scored_vocab_size",
     "latest_checkpoint",
     "load_model",
     "load_peft_adapter",

@@ -43,7 +43,7 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tok
     scored = tokenizer_vocab_size
     for who, folder in (("student", student_dir), ("teacher", teacher_dir)):
         size = text_config(read_config(Path(folder)))["vocab_size"]
-        if size < tokenizer_vocab_size and not set(range(size, tokenizer_vocab_size)) <= marker_ids:
+        if scored_vocab_size(size, tokenizer_vocab_size, marker_ids) is None:
             raise KDTuneError(
                 f"the {who} ({folder}) has {size} embedding rows but the tokenizer has {tokenizer_vocab_size} "
                 "tokens: teacher and student must use the same tokenizer"
@@ -51,6 +51,14 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tok
         scored = min(scored, size)
     check_same_tokens(student_dir, teacher_dir, scored)
     return scored
+
+
+def scored_vocab_size(rows: int, tokenizer_vocab_size: int, marker_ids: frozenset[int]) -> int | None:
+    """The tokenizer's ids a model with ``rows`` output rows is scored and sampled on: all of them,
+    those below ``rows`` when only markers lie past it, or None when an ordinary token has no row."""
+    if rows >= tokenizer_vocab_size:
+        return tokenizer_vocab_size
+    return rows if set(range(rows, tokenizer_vocab_size)) <= marker_ids else None
 
 
 def check_same_tokens(first_dir: str | Path, second_dir: str | Path, vocab_size: int) -> None:

@@ -112,7 +112,8 @@ class ModelArgs:
 
         _refuse_unimplemented(cfg, model_type, source)
         gemma = model_type in GEMMA
-        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        # Gemma's MLP reads hidden_activation (its configs may carry a hidden_act it ignores)
+        act = cfg.get("hidden_activation") or "gelu_pytorch_tanh" if gemma else cfg.get("hidden_act") or "silu"
         if act not in ACTIVATIONS:
             raise KDTuneError(f"{source}: unsupported hidden_act {act!r} (supported: {', '.join(ACTIVATIONS)})")
         hidden, heads = need("hidden_size"), need("num_attention_heads")
@@ -135,7 +136,7 @@ class ModelArgs:
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=head_dim,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5 if model_type == "phi3" else 1e-6)),
             rope_theta=rope[0],
             rope_scaling=rope[1],
             # Gemma ties its output layer unless it says otherwise (transformers' default there).
@@ -200,7 +201,7 @@ def _refuse_unimplemented(cfg: dict, model_type: str, source: str) -> None:
 
 def _attention_pattern(cfg: dict, model_type: str, layers: int, source: str):
     """(sliding_window, layer_types): which layers attend to a sliding window of how many positions."""
-    window = cfg.get("sliding_window", 4096 if model_type in GEMMA else None)
+    window = cfg.get("sliding_window", 4096 if model_type in (*GEMMA, "mistral") else None)
     if model_type in ("llama", "qwen2", "qwen3") or window is None:
         return None, None
     if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
@@ -226,21 +227,23 @@ def _rope(cfg: dict, model_type: str, source: str):
     """((theta, scaling), local (theta, scaling) or None), from either the classic ``rope_theta`` /
     ``rope_scaling`` (/ ``rope_local_base_freq``) keys or the ``rope_parameters`` dict newer
     transformers versions write (per layer type for Gemma 3)."""
+    gemma3 = model_type == "gemma3_text"
+    default_theta = 1000000.0 if gemma3 else 10000.0  # transformers' defaults (Gemma 3: of its global layers)
+    local = (float(cfg.get("rope_local_base_freq", 10000.0)), None) if gemma3 else None
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and FULL in params:
-        local = params.get(SLIDING)
-        return _rope_one(params[FULL], cfg, source), None if local is None else _rope_one(local, cfg, source)
+        full = _rope_one(dict(params[FULL], rope_theta=params[FULL].get("rope_theta", default_theta)), cfg, source)
+        return full, local if params.get(SLIDING) is None else _rope_one(params[SLIDING], cfg, source)
     params = params or cfg.get("rope_scaling") or {}
-    full = _rope_one(dict(params, rope_theta=params.get("rope_theta", cfg.get("rope_theta", 10000.0))), cfg, source)
-    if model_type == "gemma3_text":
-        return full, (float(cfg.get("rope_local_base_freq", 10000.0)), None)
-    return full, None
+    theta = params.get("rope_theta", cfg.get("rope_theta", default_theta))
+    return _rope_one(dict(params, rope_theta=theta), cfg, source), local
 
 
 def _rope_one(params: dict, cfg: dict, source: str) -> tuple[float, dict | None]:
     """(theta, scaling) of one RoPE: scaling None, or a dict with ``rope_type`` llama3, linear or longrope."""
     theta = float(params.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
+    kind = "longrope" if kind in ("su", "yarn") and cfg.get("model_type") == "phi3" else kind  # Phi-3's old names
     partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise KDTuneError(f"{source}: partial_rotary_factor={partial} is not supported (kdtune rotates the whole head)")
@@ -255,7 +258,8 @@ def _rope_one(params: dict, cfg: dict, source: str) -> tuple[float, dict | None]
         raise KDTuneError(f"{source}: {kind} rope scaling is missing {', '.join(missing)}")
     scaling = {"rope_type": kind, **{k: params[k] for k in keys[kind]}}
     if kind == "longrope":
-        original = params.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+        # the config's top-level key first, as transformers reads Phi-3's
+        original = cfg.get("original_max_position_embeddings", params.get("original_max_position_embeddings"))
         if original is None:
             raise KDTuneError(f"{source}: longrope rope scaling needs original_max_position_embeddings")
         factor = params.get("factor") or cfg.get("max_position_embeddings", original) / original

@@ -225,8 +225,8 @@ class TransformerDecoder(nn.Module):
     def _window_mask(self, mask, start: int, s: int, b: int, device) -> torch.Tensor | None:
         """The sliding layers' mask: ``mask`` (None: causal) and, where a query would reach further back
         than ``sliding_window`` slots, not there. Slot distance is position distance within a row
-        (packed samples and cached rows are contiguous), so this is transformers' window. None when
-        no query reaches that far."""
+        (packed samples and cached rows are contiguous), so this is transformers' window. ``mask``
+        itself when no query reaches that far."""
         window = self.args.sliding_window
         if start + s <= window:
             return mask

@@ -110,7 +110,9 @@ def measure_importance(model: TransformerDecoder, batches, *, device, skip_loss:
         handles += [layer.register_forward_hook(on_layer(i)),
                     layer.self_attn.o_proj.register_forward_hook(on_o_proj(i)),
                     layer.mlp.down_proj.register_forward_hook(on_down_proj(i))]
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        # the normed inputs of attention and MLP (Gemma's post_attention_layernorm norms attention's output)
+        mlp_norm = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
+        for norm in (layer.input_layernorm, mlp_norm):
             handles.append(norm.register_forward_hook(on_norm))
             norms += 1
     handles.append(model.norm.register_forward_hook(on_norm))

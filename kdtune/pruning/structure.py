@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kdtune.errors import KDTuneError
-from kdtune.models.args import ModelArgs
+from kdtune.models.args import GEMMA, ModelArgs
 from kdtune.pruning.importance import Importance
 
 
@@ -109,7 +109,7 @@ def pruned_config(config: dict, args: ModelArgs, plan: PruningPlan) -> dict:
     out = dict(config, num_hidden_layers=new.num_layers, num_attention_heads=new.num_heads,
                num_key_value_heads=new.num_kv_heads, intermediate_size=new.intermediate_size,
                hidden_size=new.hidden_size, head_dim=args.head_dim)
-    if new.layer_types is not None:  # explicit, also where the source gave a pattern (Gemma 3's every 6th)
+    if new.layer_types is not None and args.model_type in GEMMA:  # explicit, also for a pattern (Gemma 3's)
         out["layer_types"] = list(new.layer_types)
     if isinstance(config.get("max_window_layers"), int):
         out["max_window_layers"] = min(config["max_window_layers"], new.num_layers)

@@ -58,7 +58,8 @@ def test_rope_parameters_spelling_equals_classic_keys():
     "change, message",
     [
         ({"model_type": "falcon"}, "unsupported model_type 'falcon'"),
-        ({"model_type": "phi3", "rope_scaling": {"type": "su"}}, "unsupported rope scaling type 'su'"),
+        ({"model_type": "phi3", "rope_scaling": {"type": "dynamic"}}, "unsupported rope scaling type 'dynamic'"),
+        ({"model_type": "phi3", "rope_scaling": {"type": "su"}}, "longrope rope scaling is missing short_factor"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
         ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not supported"),
         ({"final_logit_softcapping": 30.0}, "final_logit_softcapping is a Gemma setting"),
@@ -81,3 +82,16 @@ def test_builder_mismatch_names_field_and_both_values():
     args = ModelArgs.from_hf_config(CONFIGS["qwen2"])
     with pytest.raises(KDTuneError, match=r"ckpt/config.json: num_layers is 3 but the model builder expects 2"):
         args.check_matches(args.replace(num_layers=3), "ckpt/config.json")
+
+
+@pytest.mark.parametrize("family", ["mistral", "phi3", "gemma2", "gemma3_text"])
+def test_keys_left_out_take_transformers_defaults(family):
+    """A config.json without its family's optional keys reads as transformers' config class fills
+    them in (what transformers would then run)."""
+    transformers = pytest.importorskip("transformers", reason="transformers' config classes are the reference")
+    optional = ("rms_norm_eps", "sliding_window", "rope_theta", "rope_parameters", "query_pre_attn_scalar",
+                "attn_logit_softcapping", "final_logit_softcapping", "layer_types", "tie_word_embeddings",
+                "hidden_activation", "head_dim")
+    trimmed = {k: v for k, v in CONFIGS[family].items() if k not in optional}
+    filled = transformers.AutoConfig.for_model(**trimmed).to_dict()
+    assert ModelArgs.from_hf_config(trimmed) == ModelArgs.from_hf_config(filled)
