@@ -47,8 +47,8 @@ class HFCheckpointer:
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.max_shard_size = max_shard_size
         source = read_config(self.checkpoint_dir)
-        self.vision_language = source is not text_config(source)
         self.config = text_config(source)
+        self.vision_language = self.config is not source
         self.model_args = ModelArgs.from_hf_config(self.config, source=str(self.checkpoint_dir / CONFIG))
 
     def load(self, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> dict:

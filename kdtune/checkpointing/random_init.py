@@ -27,7 +27,8 @@ def write_random_checkpoint(
 ) -> Path:
     """Write ``config.json`` + safetensors for the model ``hf_config`` describes and return ``out_dir``.
 
-    Norm weights are the identity (1, or 0 where the norm scales by 1 + weight); every other tensor (biases included) is drawn from N(0, initializer_range),
+    Norm weights are the identity (1, or 0 where the norm scales by 1 + weight); every other tensor
+    (biases included) is drawn from N(0, initializer_range),
     default 0.02, with a generator seeded by ``seed``, one tensor at a time in float32, so a
     billion-parameter checkpoint needs only one shard's worth of memory. ``max_shard_size`` None
     writes a single ``model.safetensors``.

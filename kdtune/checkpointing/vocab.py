@@ -33,8 +33,9 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tok
                            marker_ids: frozenset[int] = frozenset()) -> int:
     """Return the number of output rows both checkpoints' models are scored on, checked before
     training starts: ``tokenizer_vocab_size``, or fewer when the tokenizer's last ids are markers
-    (``Tokenizer.marker_ids``: special, not BOS/EOS/padding) a model has no rows for (Gemma 3 1B's tokenizer ends with ``<image_soft_token>`` at id
-    262,144, one past its 262,144 rows; text never holds such tokens, so no label or prediction is lost).
+    (``Tokenizer.marker_ids``: special, not BOS/EOS/padding) a model has no rows for. Gemma 3 1B's
+    tokenizer ends with ``<image_soft_token>`` at id 262,144, one past its 262,144 rows; text never
+    holds such tokens, so no label or prediction is lost.
 
     Raises a KDTuneError when a model lacks rows for an ordinary token id (it cannot be that model's
     tokenizer), or when both checkpoints ship a ``tokenizer.json`` and they map some scored id to

@@ -140,10 +140,11 @@ class FusedLinearKDLoss(nn.Module):
             return ce.detach(), kd.detach()
         dtype = torch.promote_types(logits.dtype, torch.float32)
         cap = self.student_softcap
-        # Capped in place: the block's logits are read only here, and its gradient overwrites them
-        # (a low-precision block is first copied to float32). The gradient below is with respect to
-        # the capped logits; it is chained through the cap at the end.
-        logits = softcap_(logits.to(dtype), cap)
+        if cap is not None:
+            # Capped in place: the block's logits are read only here, and its gradient overwrites them
+            # (a low-precision block is first copied to float32). The gradient below is with respect
+            # to the capped logits; it is chained through the cap at the end.
+            logits = softcap_(logits.to(dtype), cap)
         if teacher is not None and self.teacher_softcap is not None:
             teacher = softcap_(upcast(teacher), self.teacher_softcap)
         # softmax, not log_q.exp(): see `probabilities` (log-probabilities below -87 are common)

@@ -65,7 +65,6 @@ class LinearKDLoss(nn.Module):
         self.form, self.num_chunks = form, num_chunks
         self.fused = FusedLinearKDLoss(self.divergence, chunk_size=chunk_size, student_softcap=student_softcap,
                                        teacher_softcap=teacher_softcap)
-        self.student_softcap, self.teacher_softcap = self.fused.student_softcap, self.fused.teacher_softcap
         self.cross_entropy = CrossEntropyLoss(ignore_index=divergence.ignore_index, reduction="sum",
                                               vocab_size=divergence.vocab_size)
 
@@ -76,7 +75,7 @@ class LinearKDLoss(nn.Module):
                               num_valid_tokens=num_tokens, temperature=temperature)
         check_kd_ratio(kd_ratio)
         chunks = self.num_chunks if self.form == "chunked" else None
-        logits = _logits(student_hidden, student_weight, chunks, self.student_softcap)
+        logits = _logits(student_hidden, student_weight, chunks, self.fused.student_softcap)
         ce = self.cross_entropy(logits, labels) / num_tokens
         if teacher is None:
             return ce, torch.zeros_like(ce)
@@ -84,7 +83,7 @@ class LinearKDLoss(nn.Module):
             self.fused.check_cache_temperature(temperature)
         else:
             with torch.no_grad():
-                teacher = _logits(teacher, teacher_weight, chunks, self.teacher_softcap)
+                teacher = _logits(teacher, teacher_weight, chunks, self.fused.teacher_softcap)
         return ce, self.divergence(logits, teacher, labels, temperature=temperature) / num_tokens
 
 
@@ -103,11 +102,11 @@ class LinearCrossEntropyLoss(nn.Module):
         _check_form(form, num_chunks)
         self.form, self.num_chunks = form, num_chunks
         self.fused = FusedLinearKDLoss(None, chunk_size=chunk_size, student_softcap=softcap)
-        self.softcap = self.fused.student_softcap
         self.cross_entropy = CrossEntropyLoss(ignore_index=self.fused.ignore_index, reduction="sum")
 
     def forward(self, hidden, weight, labels, *, num_tokens: int) -> torch.Tensor:
         if self.form == "fused":
             return self.fused(hidden, weight, None, None, labels, kd_ratio=0.0, num_valid_tokens=num_tokens)[0]
-        logits = _logits(hidden, weight, self.num_chunks if self.form == "chunked" else None, self.softcap)
+        chunks = self.num_chunks if self.form == "chunked" else None
+        logits = _logits(hidden, weight, chunks, self.fused.student_softcap)
         return self.cross_entropy(logits, labels) / num_tokens

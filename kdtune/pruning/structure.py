@@ -43,10 +43,10 @@ def check_targets(args: ModelArgs, *, num_layers_to_remove: int = 0, num_layers:
                               ("hidden_size", hidden_size, args.hidden_size)):
         if value is not None and not 1 <= value <= limit:
             raise KDTuneError(f"{key}: expected 1 to the model's {limit}, got {value}")
-    widths = {"intermediate_size": intermediate_size, "num_attention_heads": num_attention_heads,
-              "hidden_size": hidden_size}
-    cut = [key for key, value in widths.items() if value is not None and value != getattr(args, key.replace(
-        "num_attention_heads", "num_heads"))]
+    widths = {"intermediate_size": (intermediate_size, args.intermediate_size),
+              "num_attention_heads": (num_attention_heads, args.num_heads),
+              "hidden_size": (hidden_size, args.hidden_size)}
+    cut = [key for key, (value, current) in widths.items() if value not in (None, current)]
     if args.fused_projections and cut:
         raise KDTuneError(f"{cut[0]}: width pruning of {args.model_type}'s fused qkv_proj/gate_up_proj is not "
                           f"supported; remove layers only (num_layers_to_remove)")

@@ -15,19 +15,13 @@ from kdtune.losses import (
     LinearKDLoss,
     TeacherTopK,
 )
+from tests.losses.random_heads import random_heads
 
 B, S, V, D_S, D_T = 2, 11, 29, 6, 10
 
 
 def heads(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, S, D_S, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, D_S, generator=g, dtype=torch.float64, requires_grad=True)
-    t_hidden = torch.randn(B, S, D_T, generator=g, dtype=torch.float64)
-    t_weight = torch.randn(V, D_T, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, V, (B, S), generator=g)
-    labels[0, :3] = -100
-    return hidden, weight, t_hidden, t_weight, labels
+    return random_heads(B, S, V, D_S, D_T, seed=seed, ignored=(0, 3))
 
 
 def reference_terms(hidden, weight, t_hidden, t_weight, labels, temperature, num_tokens):

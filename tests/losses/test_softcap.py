@@ -12,6 +12,7 @@ from kdtune.errors import KDTuneError
 from kdtune.losses import FORMS, ForwardKLLoss, GeneralizedJSDLoss, LinearCrossEntropyLoss, LinearKDLoss, TeacherTopK
 from kdtune.offline.writer import teacher_topk
 from tests.losses import loss_reference
+from tests.losses.random_heads import random_heads
 from tests.models.tiny import make_checkpoint
 
 B, S, V, D_S, D_T = 2, 9, 31, 6, 10
@@ -19,14 +20,7 @@ STUDENT_CAP, TEACHER_CAP = 2.5, 4.0  # different caps, both below the logits' sp
 
 
 def heads(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, S, D_S, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, D_S, generator=g, dtype=torch.float64, requires_grad=True)
-    t_hidden = torch.randn(B, S, D_T, generator=g, dtype=torch.float64)
-    t_weight = torch.randn(V, D_T, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, V, (B, S), generator=g)
-    labels[1, :2] = -100
-    return hidden, weight, t_hidden, t_weight, labels
+    return random_heads(B, S, V, D_S, D_T, seed=seed, ignored=(1, 2))
 
 
 def capped(logits, cap):

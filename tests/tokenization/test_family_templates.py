@@ -89,9 +89,9 @@ def test_trains_on_each_reply_and_its_end_of_turn(family):
     tok = load_tokenizer(path)
     end = FAMILIES[name]["end_of_turn"]
     ids, mask = tok.tokenize_messages(CONVERSATION)
-    trained = [[i for i, m in zip(ids, mask) if m]]
+    trained = [i for i, m in zip(ids, mask) if m]
     replies = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
-    assert tok.decode(trained[0]) == "".join(reply + end for reply in replies)
+    assert tok.decode(trained) == "".join(reply + end for reply in replies)
 
 
 def test_generation_stops_on_the_end_of_turn_token(family):
