@@ -4,28 +4,31 @@ The task is two-digit addition as chats ("What is 47 + 38?" -> "85"). The story 
 for distillation: a teacher that has seen plenty of data, a student with only a small labeled set,
 and plenty of unlabeled prompts.
 
- 1. data: chats for pretraining, a small labeled chat set, unlabeled prompts, a held-out split;
-    a tokenizer trained on them (ChatML template, digits as single tokens)
- 2. a teacher and a smaller student pretrained briefly from scratch (full_finetune_single_device):
-    the teacher on many problems, the student on a few
- 3. the teacher LoRA-finetuned on the labeled chats (lora_finetune_single_device)
- 4. the teacher answers the unlabeled prompts (generate)
- 5. students, each trained for the same number of steps from the same pretrained student:
+ 1. data: chats for pretraining, a small labeled chat set, unlabeled prompts, and 300 held-out
+    problems that no training set contains; a tokenizer trained on them (ChatML, digits as tokens)
+ 2. a teacher pretrained briefly from scratch (full_finetune_single_device), LoRA-finetuned on the
+    labeled chats (lora_finetune_single_device); it answers the unlabeled prompts (generate)
+ 3. per seed: a student (3 layers, 64 wide: a quarter of the teacher) pretrained from scratch on a
+    few problems, then three students trained for the same 3,200 steps of 16 chats from it:
     student_sft  supervised fine-tuning on the labeled chats alone (the baseline)
     student_kd   knowledge_distillation_single_device on labeled + teacher-answered chats
+                 (forward KL to the teacher's distributions, kd_ratio 1)
     student_gkd  on_policy_distillation_single_device on the same chats: on half the steps the
-                 student answers the prompts itself, and the teacher grades every token
-                 (generalized JSD) of the student's answers or of the chats' replies
- 6. eleuther_eval exact match on the held-out split for the teacher and every student
- 7. a table, demo_output/summary.json and the loss curves (kdtune plot)
+                 student answers the prompts itself and the teacher grades every token (forward KL)
+ 4. every model scored on the held-out problems: exact match of its greedy answer (eleuther_eval)
+    and its per-token KL to the teacher on the held-out chats
+ 5. a table of mean ± standard deviation over the seeds, the ordering checked at every seed,
+    demo_output/summary.json with every per-seed figure, and one seed's loss curves (kdtune plot)
 
-Every stage runs through `kdtune run` with a shipped config plus overrides, printed as it runs.
+Every run goes through `kdtune run` with a shipped config plus overrides, printed as it starts.
+The teacher is made once; the seeds vary each student's initial weights, data order and sampling.
 """
 
 import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -41,12 +44,29 @@ SIZES = {  # rows of each data set
     "teacher_pretrain": 20000, "student_pretrain": 1000, "labeled": 400, "unlabeled": 8000, "heldout": 300,
 }
 TEACHER = dict(layers=3, hidden=128, heads=4, kv_heads=2)
-STUDENT = dict(layers=2, hidden=96, heads=4, kv_heads=2)
+STUDENT = dict(layers=3, hidden=64, heads=4, kv_heads=2)  # a quarter of the teacher's parameters
 VOCAB = 320  # the tokenizer has fewer ids; the embeddings are padded past them
 TEACHER_PRETRAIN_STEPS = 1200
 STUDENT_PRETRAIN_STEPS = 100
-STUDENT_STEPS = 800
-BATCH = 64
+BATCH = 64  # the teacher's
+STUDENT_STEPS, STUDENT_BATCH = 3200, 16
+# What keeps the students' runs off the knife edge (see the README): a warmup of a tenth of the run
+# (Adam's first update at the full rate knocked the pretrained student far off), decoupled weight
+# decay, a student deep enough to learn the carry (3 layers), and enough updates at a high enough
+# rate that every seed gets past the plateau before it learns to carry, well before the rate decays.
+# Both distilled students learn from the teacher's distributions alone (forward KL, kd_ratio 1).
+STUDENT_TRAINING = [f"batch_size={STUDENT_BATCH}", "optimizer.lr=0.005",
+                    f"lr_scheduler.num_warmup_steps={STUDENT_STEPS // 10}", "optimizer.weight_decay=0.1"]
+STUDENT_SETTINGS = {"sft": STUDENT_TRAINING, "kd": [*STUDENT_TRAINING, "kd_ratio=1.0"],
+                    "gkd": [*STUDENT_TRAINING, "lmbda=0.5", "kd_loss=forward_kl", "~kd_loss.beta", "kd_ratio=1.0"]}
+# each student's recipe, config and data (the labeled chats, or labeled + teacher-answered)
+STUDENT_RUNS = {"sft": ("full_finetune_single_device", "tiny/full_finetune_single_device", "sft_steps"),
+                "kd": ("knowledge_distillation_single_device", "tiny/KD_full_single_device", "kd_steps"),
+                "gkd": ("on_policy_distillation_single_device", "tiny/GKD_single_device", "kd_steps")}
+STUDENTS = tuple(f"student_{kind}" for kind in STUDENT_RUNS)
+# The ordering every seed must show: KD beats SFT by the 5 points that count as a win, and GKD is
+# level with KD (a gap under 5 points either way is no win) or ahead.
+KD_MARGIN, GKD_SLACK = 5.0, 5.0
 
 
 def hf_config(layers, hidden, heads, kv_heads) -> dict:
@@ -56,30 +76,44 @@ def hf_config(layers, hidden, heads, kv_heads) -> dict:
             "rope_theta": 10000.0, "tie_word_embeddings": True, "initializer_range": 0.02}
 
 
-# Tiny models gain nothing from a second thread, and two single-threaded runs side by side use
-# both cores of a laptop-class CPU fully, so every stage runs with one thread, two at a time.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+class Jobs:
+    """`kdtune` commands run as soon as the ones they need are done, ``parallel`` at a time, each
+    with ``threads`` threads. Tiny models gain little from a second thread, so by default every
+    run has one and two run side by side on a 2-core CPU. The thread count changes round-off only."""
 
+    def __init__(self, parallel: int, threads: int):
+        self.parallel, self.env = parallel, {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.pending: list[tuple[str, list, tuple]] = []
 
-def start(*args, log: Path) -> tuple[subprocess.Popen, Path]:
-    """Start one `kdtune` command, echoed; its output goes to a log file."""
-    print(f"  $ kdtune {' '.join(str(a) for a in args)}", flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "kdtune.cli.main", *map(str, args)], stdout=f,
-                                stderr=subprocess.STDOUT, env=ENV)
-    return proc, log
+    def add(self, name: str, *args, after: tuple[str, ...] = ()) -> str:
+        self.pending.append((name, [str(a) for a in args], after))
+        return name
 
-
-def wait(*started: tuple[subprocess.Popen, Path]) -> None:
-    for proc, log in started:
-        if proc.wait() != 0:
-            print(log.read_text()[-3000:], file=sys.stderr)
-            sys.exit(f"demo: a command failed (exit {proc.returncode}); full log: {log}")
-
-
-def kdtune(*args, log: Path) -> None:
-    wait(start(*args, log=log))
+    def run(self) -> None:
+        """Run every pending job; on a failure, print its log's tail and stop the demo."""
+        done, running = set(), {}
+        while self.pending or running:
+            ready = [j for j in self.pending if set(j[2]) <= done]
+            while ready and len(running) < self.parallel:
+                name, args, _ = job = ready.pop(0)
+                self.pending.remove(job)
+                print(f"  $ kdtune {' '.join(args)}", flush=True)
+                log = OUT / "logs" / f"{name}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "w") as f:
+                    running[name] = (subprocess.Popen([sys.executable, "-m", "kdtune.cli.main", *args], stdout=f,
+                                                      stderr=subprocess.STDOUT, env=self.env), log)
+            time.sleep(0.2)
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode != 0:
+                    for other, _ in running.values():
+                        other.kill()
+                    print(log.read_text()[-3000:], file=sys.stderr)
+                    sys.exit(f"demo: a command failed (exit {proc.returncode}); full log: {log}")
+                done.add(name)
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -88,22 +122,39 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def held_out_rows() -> list[dict]:
+    """SIZES["heldout"] distinct problems of the test split."""
+    rows, seen = [], set()
+    for row in arithmetic_rows(20 * SIZES["heldout"], split="test", seed=1, **TASK):
+        if row["messages"][0]["content"] not in seen and len(rows) < SIZES["heldout"]:
+            seen.add(row["messages"][0]["content"])
+            rows.append(row)
+    return rows
+
+
+def train_rows(num_rows: int, seed: int, held_out: set) -> list[dict]:
+    """``num_rows`` problems of the train split, none of them a held-out question."""
+    rows = [r for r in arithmetic_rows(2 * num_rows, seed=seed, **TASK) if r["messages"][0]["content"] not in held_out]
+    return rows[:num_rows]
+
+
 def make_data() -> dict:
-    """Disjoint draws of the train split (by seed) and the held-out test split."""
     data = OUT / "data"
+    heldout = held_out_rows()
+    questions = {r["messages"][0]["content"] for r in heldout}
     files = {
         "teacher_pretrain": write_jsonl(data / "teacher_pretrain.jsonl",
-                                        arithmetic_rows(SIZES["teacher_pretrain"], seed=1, **TASK)),
+                                        train_rows(SIZES["teacher_pretrain"], 1, questions)),
         "student_pretrain": write_jsonl(data / "student_pretrain.jsonl",
-                                        arithmetic_rows(SIZES["student_pretrain"], seed=2, **TASK)),
-        "labeled": write_jsonl(data / "labeled.jsonl", arithmetic_rows(SIZES["labeled"], seed=3, **TASK)),
+                                        train_rows(SIZES["student_pretrain"], 2, questions)),
+        "labeled": write_jsonl(data / "labeled.jsonl", train_rows(SIZES["labeled"], 3, questions)),
         "unlabeled": write_jsonl(data / "unlabeled.jsonl",
-                                 [{"messages": r["messages"][:1]} for r in arithmetic_rows(SIZES["unlabeled"], seed=4, **TASK)]),
+                                 [{"messages": r["messages"][:1]} for r in train_rows(SIZES["unlabeled"], 4, questions)]),
+        "heldout_chats": write_jsonl(data / "heldout_chats.jsonl", heldout),
+        "heldout": write_jsonl(data / "heldout.jsonl", [
+            {"question": r["messages"][0]["content"], "answer": r["messages"][1]["content"]} for r in heldout]),
     }
-    heldout = arithmetic_rows(SIZES["heldout"], split="test", seed=1, **TASK)
-    files["heldout"] = write_jsonl(data / "heldout.jsonl", [
-        {"question": r["messages"][0]["content"], "answer": r["messages"][1]["content"]} for r in heldout])
-    task = (OUT / "tasks" / "arithmetic_heldout.yaml")
+    task = OUT / "tasks" / "arithmetic_heldout.yaml"
     task.parent.mkdir(parents=True, exist_ok=True)
     task.write_text(
         "task: arithmetic_heldout\n"
@@ -128,21 +179,36 @@ def init_model(name: str, dims: dict, tokenizer: Path, seed: int) -> Path:
     return path
 
 
-def train(recipe: str, config: str, name: str, checkpoint: Path, data: Path, *overrides: str):
-    """Start a training run through `kdtune run`; `final(name)` is its last checkpoint once done."""
-    return start("run", recipe, "--config", config, f"output_dir={OUT / 'runs' / name}",
-                 f"checkpointer.checkpoint_dir={checkpoint}", f"dataset.data_files={data}",
-                 "save_every_n_steps=null", *overrides, log=OUT / "logs" / f"{name}.log")
+def repeated(name: str, path: Path, rows: int) -> Path:
+    """``path``'s rows cycled to ``rows`` rows: one epoch of it is exactly the step budget."""
+    lines = path.read_text().splitlines()
+    return write_jsonl(OUT / "data" / f"{name}.jsonl", [json.loads(lines[i % len(lines)]) for i in range(rows)])
+
+
+def run_dir(name: str) -> Path:
+    return OUT / "runs" / name
 
 
 def final(name: str) -> Path:
-    return max((OUT / "runs" / name).glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
+    return max(run_dir(name).glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
-def evaluate(name: str, checkpoint: Path):
-    return start("run", "eleuther_eval", "--config", "tiny/eval", f"checkpoint_dir={checkpoint}",
-                 "tasks=[arithmetic_heldout]", f"include_path={OUT / 'tasks'}", f"output_dir={OUT / 'eval' / name}",
-                 "apply_chat_template=true", "batch_size=100", log=OUT / "logs" / f"eval_{name}.log")
+def train(jobs: Jobs, recipe: str, config: str, name: str, checkpoint, data: Path, *overrides, after=()) -> str:
+    """A training run through `kdtune run`, started once the jobs in ``after`` are done; ``final(name)``
+    is its last checkpoint."""
+    return jobs.add(name, "run", recipe, "--config", config, f"output_dir={run_dir(name)}",
+                    f"checkpointer.checkpoint_dir={checkpoint}", f"dataset.data_files={data}",
+                    "save_every_n_steps=null", *overrides, after=after)
+
+
+def train_student(jobs: Jobs, kind: str, name: str, start: Path, teacher: Path, seed: int, settings=None,
+                  after=()) -> str:
+    """One student run of ``kind`` (sft, kd, gkd) from ``start``, with the demo's settings or others."""
+    recipe, config, data = STUDENT_RUNS[kind]
+    chats = [] if kind == "gkd" else ["dataset=chat"]  # GKD reads the chats' prompts and replies itself
+    teacher_args = [] if kind == "sft" else [f"teacher_checkpointer.checkpoint_dir={teacher}"]
+    return train(jobs, recipe, config, name, start, OUT / "data" / f"{data}.jsonl", *chats, *teacher_args,
+                 *(STUDENT_SETTINGS[kind] if settings is None else settings), f"seed={seed}", after=after)
 
 
 def exact_match(name: str) -> float:
@@ -150,76 +216,107 @@ def exact_match(name: str) -> float:
     return 100 * results["exact_match,none"]
 
 
-def repeated(name: str, path: Path, rows: int) -> Path:
-    """``path``'s rows cycled to ``rows`` rows: one epoch of it is exactly the step budget."""
-    lines = path.read_text().splitlines()
-    return write_jsonl(OUT / "data" / f"{name}.jsonl", [json.loads(lines[i % len(lines)]) for i in range(rows)])
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main() -> None:
-    argparse.ArgumentParser(description="kdtune's embedded end-to-end demo").parse_args()
+    parser = argparse.ArgumentParser(description="kdtune's embedded end-to-end demo")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: 0 1 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per run (default 1: two runs side by side; with more, one at a time)")
+    args = parser.parse_args()
     shutil.rmtree(OUT, ignore_errors=True)
     began = time.time()
+    jobs = Jobs(parallel=2 if args.threads == 1 else 1, threads=args.threads)
 
     print("1. data and tokenizer", flush=True)
     files = make_data()
     teacher_init = init_model("teacher", TEACHER, files["tokenizer"], seed=0)
-    student_init = init_model("student", STUDENT, files["tokenizer"], seed=1)
-
-    print("2. pretrain a teacher and a student from scratch", flush=True)
     chats = ["dataset=chat", f"batch_size={BATCH}"]
     pretrain = [*chats, "optimizer.lr=0.003", "lr_scheduler.num_warmup_steps=20"]
-    wait(train("full_finetune_single_device", "tiny/full_finetune_single_device", "teacher_pretrain", teacher_init,
-               repeated("teacher_pretrain_steps", files["teacher_pretrain"], TEACHER_PRETRAIN_STEPS * BATCH),
-               *pretrain),
-         train("full_finetune_single_device", "tiny/full_finetune_single_device", "student_pretrain", student_init,
-               repeated("student_pretrain_steps", files["student_pretrain"], STUDENT_PRETRAIN_STEPS * BATCH),
-               *pretrain))
+    repeated("sft_steps", files["labeled"], STUDENT_STEPS * STUDENT_BATCH)
 
-    print("3. LoRA-finetune the teacher on the labeled chats; meanwhile the SFT baseline student", flush=True)
-    wait(train("lora_finetune_single_device", "tiny/lora_finetune_single_device", "teacher_lora",
-               final("teacher_pretrain"), repeated("teacher_lora_steps", files["labeled"], 100 * BATCH), *chats,
-               "optimizer.lr=0.001"),
-         train("full_finetune_single_device", "tiny/full_finetune_single_device", "student_sft",
-               final("student_pretrain"), repeated("sft_steps", files["labeled"], STUDENT_STEPS * BATCH), *chats))
-    teacher = final("teacher_lora")
+    print(f"2. the teacher: pretrained, LoRA-finetuned on the labeled chats, answering the unlabeled prompts; "
+          f"meanwhile students pretrain and the SFT baselines train (seeds {args.seeds})", flush=True)
+    full, lora = "full_finetune_single_device", "lora_finetune_single_device"
+    train(jobs, full, "tiny/full_finetune_single_device", "teacher_pretrain", teacher_init,
+          repeated("teacher_pretrain_steps", files["teacher_pretrain"], TEACHER_PRETRAIN_STEPS * BATCH), *pretrain)
+    student_pretrain_data = repeated("student_pretrain_steps", files["student_pretrain"], STUDENT_PRETRAIN_STEPS * BATCH)
+    for seed in args.seeds:
+        start = init_model(f"student_s{seed}", STUDENT, files["tokenizer"], seed=100 + seed)
+        train(jobs, full, "tiny/full_finetune_single_device", f"student_pretrain_s{seed}", start,
+              student_pretrain_data, *pretrain, f"seed={seed}")
+        train_student(jobs, "sft", f"student_sft_s{seed}", run_dir(f"student_pretrain_s{seed}") / "epoch_1", None,
+                      seed, after=(f"student_pretrain_s{seed}",))
+    train(jobs, lora, "tiny/lora_finetune_single_device", "teacher_lora", run_dir("teacher_pretrain") / "epoch_1",
+          repeated("teacher_lora_steps", files["labeled"], 100 * BATCH), *chats, "optimizer.lr=0.001",
+          after=("teacher_pretrain",))
+    teacher = run_dir("teacher_lora") / "epoch_1"
+    jobs.add("teacher_answers", "run", "generate", "--config", "tiny/generate", f"checkpoint_dir={teacher}",
+             "prompt=null", f"messages_file={files['unlabeled']}", "batch_size=500", "max_new_tokens=8",
+             f"output_dir={OUT / 'teacher_answers'}", after=("teacher_lora",))
+    jobs.run()
 
-    print("4. the teacher answers the unlabeled prompts", flush=True)
-    kdtune("run", "generate", "--config", "tiny/generate", f"checkpoint_dir={teacher}", "prompt=null",
-           f"messages_file={files['unlabeled']}", "batch_size=500", "max_new_tokens=8",
-           f"output_dir={OUT / 'teacher_answers'}", log=OUT / "logs" / "teacher_answers.log")
+    print(f"3. distilled students, {STUDENT_STEPS} steps each like the SFT baselines", flush=True)
     kd_data = write_jsonl(OUT / "data" / "kd.jsonl", [
         json.loads(line) for f in (files["labeled"], OUT / "teacher_answers" / "generations.jsonl")
         for line in f.read_text().splitlines()])
+    repeated("kd_steps", kd_data, STUDENT_STEPS * STUDENT_BATCH)
+    for seed in args.seeds:
+        for kind in ("kd", "gkd"):
+            train_student(jobs, kind, f"student_{kind}_s{seed}", run_dir(f"student_pretrain_s{seed}") / "epoch_1",
+                          teacher, seed)
+    jobs.run()
 
-    print(f"5. distilled students, {STUDENT_STEPS} steps each like the SFT baseline", flush=True)
-    teacher_args = [f"teacher_checkpointer.checkpoint_dir={teacher}"]
-    kd_steps = repeated("kd_steps", kd_data, STUDENT_STEPS * BATCH)
-    wait(train("knowledge_distillation_single_device", "tiny/KD_full_single_device", "student_kd",
-               final("student_pretrain"), kd_steps, *chats, *teacher_args),
-         train("on_policy_distillation_single_device", "tiny/GKD_single_device", "student_gkd",
-               final("student_pretrain"), kd_steps, f"batch_size={BATCH}", "lmbda=0.5", "optimizer.lr=0.001",
-               *teacher_args))
+    print("4. every model on the held-out problems: exact match (eleuther_eval) and KL to the teacher", flush=True)
+    models = {"teacher": teacher, **{f"{s}_s{seed}": final(f"{s}_s{seed}") for seed in args.seeds for s in STUDENTS}}
+    for name, folder in models.items():
+        jobs.add(f"eval_{name}", "run", "eleuther_eval", "--config", "tiny/eval", f"checkpoint_dir={folder}",
+                 "tasks=[arithmetic_heldout]", f"include_path={OUT / 'tasks'}", f"output_dir={OUT / 'eval' / name}",
+                 "apply_chat_template=true", "batch_size=100")
+    jobs.run()
+    import kdtune
+    from kdtune.eval.teacher_kl import held_out_scores
 
-    print("6. evaluate on the held-out split (exact match)", flush=True)
-    models = {"teacher": teacher, "student_sft": final("student_sft"), "student_kd": final("student_kd"),
-              "student_gkd": final("student_gkd")}
-    names = list(models)
-    for pair in (names[:2], names[2:]):
-        wait(*(evaluate(name, models[name]) for name in pair))
-    scores = {name: exact_match(name) for name in names}
+    tokenizer, teacher_model = kdtune.load_tokenizer(teacher), kdtune.load_model(teacher)
+    scores = {name: {"exact_match": round(exact_match(name), 2),
+                     "kl_to_teacher": round(held_out_scores(folder, teacher_model, tokenizer,
+                                                            files["heldout_chats"])["kl_to_teacher"], 4)}
+              for name, folder in models.items()}
 
-    print("7. summary", flush=True)
-    summary = {name: {"exact_match": round(score, 2)} for name, score in scores.items()}
-    summary["seconds"] = round(time.time() - began)
+    print("5. summary", flush=True)
+    per_seed = {s: {seed: scores[f"{s}_s{seed}"] for seed in args.seeds} for s in STUDENTS}
+    holds = {seed: {"kd_beats_sft_by_5": per_seed["student_kd"][seed]["exact_match"]
+                    >= per_seed["student_sft"][seed]["exact_match"] + KD_MARGIN,
+                    "gkd_level_with_kd": per_seed["student_gkd"][seed]["exact_match"]
+                    >= per_seed["student_kd"][seed]["exact_match"] - GKD_SLACK} for seed in args.seeds}
+    summary = {"teacher": scores["teacher"], "seeds": args.seeds, "threads": args.threads,
+               "students": {s: {"per_seed": per_seed[s], **{
+                   f"{metric}_{stat}": round(value, 3)
+                   for metric in ("exact_match", "kl_to_teacher")
+                   for stat, value in zip(("mean", "sd"), mean_sd([v[metric] for v in per_seed[s].values()]))}}
+                   for s in STUDENTS},
+               "ordering": holds, "ordering_holds": all(all(h.values()) for h in holds.values()),
+               "seconds": round(time.time() - began)}
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    kdtune("plot", OUT / "runs" / "student_kd", "--out", OUT / "loss_curves.png", log=OUT / "logs" / "plot.log")
-    print(f"\n{'model':<14} {'held-out exact match':>22}")
-    for name, score in scores.items():
-        print(f"{name:<14} {score:>21.1f}%")
-    for name in ("student_kd", "student_gkd"):
-        print(f"{name} vs student_sft: {scores[name] - scores['student_sft']:+.1f} points")
-    print(f"{summary['seconds']} s in all; summary: {OUT / 'summary.json'}, loss curves: {OUT / 'loss_curves.png'}")
+    plot = subprocess.run([sys.executable, "-m", "kdtune.cli.main", "plot", run_dir(f"student_kd_s{args.seeds[0]}"),
+                           "--out", OUT / "loss_curves.png"], capture_output=True, text=True)
+    if plot.returncode != 0:
+        print(plot.stderr[-2000:], file=sys.stderr)
+
+    print(f"\n{'model':<12} {'held-out exact match':>28} {'held-out KL to teacher':>26}   per seed (exact match)")
+    print(f"{'teacher':<12} {scores['teacher']['exact_match']:>27.1f}% {0:>26.3f}")
+    for s in STUDENTS:
+        st = summary["students"][s]
+        seeds = "  ".join(f"{v['exact_match']:.1f}" for v in per_seed[s].values())
+        print(f"{s:<12} {st['exact_match_mean']:>20.1f} ± {st['exact_match_sd']:>4.1f}% "
+              f"{st['kl_to_teacher_mean']:>18.3f} ± {st['kl_to_teacher_sd']:.3f}   {seeds}")
+    for seed, h in holds.items():
+        print(f"seed {seed}: KD >= SFT + {KD_MARGIN:g}: {'yes' if h['kd_beats_sft_by_5'] else 'NO'}; "
+              f"GKD >= KD - {GKD_SLACK:g}: {'yes' if h['gkd_level_with_kd'] else 'NO'}")
+    print(f"{summary['seconds']} s in all ({args.threads} thread(s) per run); summary: {OUT / 'summary.json'}, "
+          f"loss curves: {OUT / 'loss_curves.png'}")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import kdtune
-from kdtune.datasets import chat_dataset, write_instruction_jsonl
+from kdtune.datasets import write_instruction_jsonl
+from kdtune.eval.teacher_kl import held_out_scores
 from kdtune.training import read_metrics
 
 OUT = Path("demo_real_output").resolve()
@@ -73,22 +72,6 @@ def repeated(path: Path, rows: int) -> Path:
     out = OUT / "data" / f"{path.stem}_x{rows}.jsonl"
     out.write_text("".join(lines[i % len(lines)] + "\n" for i in range(rows)))
     return out
-
-
-def held_out_scores(folder: Path, teacher, tok, chats: Path) -> dict:
-    """Per-token KL(teacher || model) and cross-entropy on the teacher's held-out replies."""
-    model = kdtune.load_model(folder)
-    kl = ce = count = 0.0
-    for sample in chat_dataset(tok, source="jsonl", data_files=str(chats), max_seq_len=512):
-        ids, labels = torch.tensor([sample["tokens"]]), torch.tensor(sample["labels"])
-        keep = labels != -100
-        with torch.no_grad():
-            log_q = model(ids)[0, keep].double().log_softmax(-1)
-            log_p = teacher(ids)[0, keep].double().log_softmax(-1)
-        kl += (log_p.exp() * (log_p - log_q)).sum().item()
-        ce -= log_q.gather(-1, labels[keep, None]).sum().item()
-        count += int(keep.sum())
-    return {"kl_to_teacher": kl / count, "ce_on_replies": ce / count}
 
 
 def agreement_task(chats: Path) -> Path:
