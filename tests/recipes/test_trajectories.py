@@ -11,7 +11,6 @@ below, while a change as small as kd_ratio 0.5 -> 0.49 lands far outside them (t
 """
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from kdtune.tokenization import load_tokenizer
