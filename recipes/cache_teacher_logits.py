@@ -11,14 +11,13 @@ import kdtune.config
 from kdtune import offline, training
 from kdtune.checkpointing import check_same_tokens
 from kdtune.config import instantiate
-from kdtune.config.settings import CacheSettings, read_settings
+from kdtune.config.settings import CacheSettings
 from kdtune.training.precision import resolve_device, resolve_dtype
 
 
-@kdtune.config.parse
-def main(cfg):
+@kdtune.config.parse(CacheSettings)  # checks every setting, then main(cfg, s)
+def main(cfg, s):
     # 1. Everything that can be checked before a weight is loaded.
-    s = read_settings(cfg, CacheSettings)
     device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
     tokenizer = instantiate(cfg.tokenizer)
     teacher_checkpointer = instantiate(cfg.teacher_checkpointer)

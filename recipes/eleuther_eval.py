@@ -20,14 +20,13 @@ except ImportError as e:  # lm-eval is an optional extra
     raise KDTuneError(f"eleuther_eval needs lm-eval ({e}): pip install 'kdtune[eval]'") from None
 from kdtune.checkpointing import load_model, load_peft_adapter
 from kdtune.config import instantiate
-from kdtune.config.settings import EvalSettings, read_settings
+from kdtune.config.settings import EvalSettings
 from kdtune.training.precision import resolve_device, resolve_dtype
 from kdtune.training.rng import set_seed
 
 
-@kdtune.config.parse
-def main(cfg):
-    s = read_settings(cfg, EvalSettings)
+@kdtune.config.parse(EvalSettings)  # checks every setting, then main(cfg, s)
+def main(cfg, s):
     if (Path(s.output_dir) / "results.json").exists():  # an earlier run's: never overwritten
         raise KDTuneError(f"output_dir: '{s.output_dir}' holds an earlier run's results.json; choose another "
                           f"output_dir or remove it")

@@ -20,7 +20,7 @@ import torch
 import kdtune.config
 from kdtune.checkpointing import HFCheckpointer, load_model, load_peft_adapter, scored_vocab_size
 from kdtune.config import instantiate
-from kdtune.config.settings import GenerateSettings, read_settings
+from kdtune.config.settings import GenerateSettings
 from kdtune.datasets.messages import chat_messages
 from kdtune.datasets.rows import load_rows
 from kdtune.errors import KDTuneError
@@ -82,9 +82,8 @@ def save_json(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-@kdtune.config.parse
-def main(cfg):
-    s = read_settings(cfg, GenerateSettings)
+@kdtune.config.parse(GenerateSettings)  # checks every setting, then main(cfg, s)
+def main(cfg, s):
     outputs = [Path(s.output_dir) / name for name in ("generations.json", "generations.jsonl")]
     if any(path.exists() for path in outputs):  # an earlier run's: never overwritten
         raise KDTuneError(f"output_dir: '{s.output_dir}' holds an earlier run's generations; choose another "

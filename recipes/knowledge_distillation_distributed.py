@@ -21,16 +21,15 @@ from torch import nn
 import kdtune.config
 from kdtune import offline, training
 from kdtune.config import instantiate
-from kdtune.config.settings import DistillationSettings, read_settings
+from kdtune.config.settings import DistillationSettings
 from kdtune.errors import KDTuneError
 from kdtune.losses import ForwardKLLoss, LinearKDLoss
 from kdtune.training import distributed
 
 
-@kdtune.config.parse
-def main(cfg):
+@kdtune.config.parse(DistillationSettings)  # checks every setting, then main(cfg, s)
+def main(cfg, s):
     # 1. Settings, output folder and data: everything that can be checked before a weight loads.
-    s = read_settings(cfg, DistillationSettings)
     run = training.RunContext(cfg, s, distributed.FSDPDistribution())  # joins the process group
     kd = training.distillation_parts(cfg)
     dataset, collate = offline.join_teacher_cache(instantiate(cfg.dataset, tokenizer=kd.tokenizer), kd.teacher_cache,
@@ -47,6 +46,8 @@ def main(cfg):
     # 2. The models, each loaded (memory-mapped) on every process and then sharded over them.
     student = distributed.shard(training.load_student(kd.checkpointer, cfg.get("model"), device=run.device,
                                                       dtype=run.dtype, resume_dir=run.resume_dir), run.dist, key="model")
+    if run.dist.is_main:
+        print(training.describe_trainable(student))  # what trains, in one line
     teacher = None if kd.teacher_cache else distributed.shard(
         training.load_teacher(kd.teacher_checkpointer, cfg.get("teacher"), device=run.device, dtype=run.dtype),
         run.dist, key="teacher")
@@ -74,7 +75,7 @@ def main(cfg):
         state.register("hidden_state_loss", run.dist.module_state(hidden_loss))  # the learned projections
     if run.resume_dir is not None:
         state.load(run.resume_dir)
-    run.start(dataset=dataset, tokenizer=kd.tokenizer)  # every check passed: lock output_dir, record the run
+    run.start(dataset=dataset, tokenizer=kd.tokenizer, step=state.global_step)  # checks passed: lock, record
     logger = training.build_metric_logger(cfg.get("metric_logger"), run.output_dir, run.dist)
 
     def forward(batch):
@@ -90,7 +91,7 @@ def main(cfg):
                                                      if hidden_loss else [])
         return hidden, states, teacher_hidden, teacher_states, teacher.output_weight
 
-    def validate(kd_ratio: float) -> dict:
+    def validate(kd_ratio: float, temperature: float) -> dict:
         """Held-out losses of the student as it is now, over every process's share of the data."""
         student.eval()
         num_tokens = training.step_tokens(val_batches, run.dist)
@@ -100,7 +101,7 @@ def main(cfg):
                 batch = training.to_device(batch, run.device)
                 hidden, states, teacher_out, teacher_states, teacher_weight = forward(batch)
                 heads = (hidden, student.output_weight, teacher_out, teacher_weight, batch["labels"])
-                ce, kd_term = kd_loss(*heads, kd_ratio=kd_ratio, num_tokens=num_tokens)
+                ce, kd_term = kd_loss(*heads, kd_ratio=kd_ratio, num_tokens=num_tokens, temperature=temperature)
                 kl = kl_to_teacher(*heads, kd_ratio=1.0, num_tokens=num_tokens)[1]
                 loss = (1 - kd_ratio) * ce + kd_ratio * kd_term
                 if hidden_loss:
@@ -119,6 +120,7 @@ def main(cfg):
         for micro in steps.epoch(state):  # state.global_step now numbers this step
             start = time.perf_counter()
             kd_ratio = s.kd_ratio
+            temperature = kd.divergence.temperature  # the loss's, this step (a schedule may vary it)
             num_tokens = training.step_tokens(micro, run.dist)  # of all micro-batches on all processes
             metrics = training.StepMetrics()
             for batch in micro:
@@ -126,7 +128,8 @@ def main(cfg):
                 with run.autocast():  # bf16 matmuls when autocast is set; the loss math stays float32
                     hidden, states, teacher_out, teacher_states, teacher_weight = forward(batch)
                     ce, kd_term = kd_loss(hidden, student.output_weight, teacher_out, teacher_weight,
-                                          batch["labels"], kd_ratio=kd_ratio, num_tokens=num_tokens)
+                                          batch["labels"], kd_ratio=kd_ratio, num_tokens=num_tokens,
+                                          temperature=temperature)
                 loss = (1 - kd_ratio) * ce + kd_ratio * kd_term
                 if hidden_loss:  # + weight * the intermediate-layer loss
                     matched = hidden_loss(states, teacher_states, batch["labels"], num_tokens=num_tokens)
@@ -145,7 +148,7 @@ def main(cfg):
             values.update(kd_ratio=kd_ratio, num_tokens=num_tokens, peak_memory_gb=training.peak_memory_gb(run.device),
                           tokens_per_second=num_tokens / run.dist.world_size / (time.perf_counter() - start))
             if val_batches and state.global_step % s.validation.every_n_steps == 0:
-                values.update(validate(kd_ratio))
+                values.update(validate(kd_ratio, temperature))
             if logger and state.global_step % s.log_every_n_steps == 0:
                 logger.log_dict({"epoch": state.epoch, **values}, step=state.global_step)
             bar.update(1)

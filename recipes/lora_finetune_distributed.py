@@ -19,19 +19,18 @@ import torch
 import kdtune.config
 from kdtune import training
 from kdtune.config import instantiate
-from kdtune.config.settings import TrainingSettings, read_settings
+from kdtune.config.settings import TrainingSettings
 from kdtune.datasets import collate
 from kdtune.errors import KDTuneError
 from kdtune.losses import LinearCrossEntropyLoss
 from kdtune.training import distributed
 
 
-@kdtune.config.parse
-def main(cfg):
+@kdtune.config.parse(TrainingSettings)  # checks every setting, then main(cfg, s)
+def main(cfg, s):
     # 1. Settings, output folder and data: everything that can be checked before a weight loads.
-    s = read_settings(cfg, TrainingSettings)
     if not training.is_lora(cfg.get("model")):
-        raise KDTuneError("model: this recipe needs LoRA settings (lora_attn_modules, lora_rank, ...); "
+        raise KDTuneError("model.lora_rank: required, this recipe trains LoRA adapters; "
                           "use full_finetune_single_device to train every weight")
     run = training.RunContext(cfg, s, distributed.FSDPDistribution())  # joins the process group
     tokenizer = instantiate(cfg.tokenizer)
@@ -48,7 +47,7 @@ def main(cfg):
     model = distributed.shard(training.load_student(checkpointer, cfg.get("model"), device=run.device,
                                                     dtype=run.dtype, resume_dir=run.resume_dir), run.dist, key="model")
     if run.dist.is_main:
-        print(training.describe_trainable(model))
+        print(training.describe_trainable(model))  # what trains, in one line
     if s.compile:  # each decoder layer on its own: the first steps run slower while they compile
         for layer in model.layers:
             layer.compile()
@@ -65,7 +64,7 @@ def main(cfg):
     state.register("lr_scheduler", lr_scheduler)
     if run.resume_dir is not None:
         state.load(run.resume_dir)
-    run.start(dataset=dataset, tokenizer=tokenizer)  # every check passed: lock output_dir, record the run
+    run.start(dataset=dataset, tokenizer=tokenizer, step=state.global_step)  # checks passed: lock, record
     logger = training.build_metric_logger(cfg.get("metric_logger"), run.output_dir, run.dist)
 
     def forward(batch):

@@ -20,17 +20,16 @@ import torch
 import kdtune.config
 from kdtune import training
 from kdtune.config import instantiate
-from kdtune.config.settings import OnPolicySettings, read_settings
+from kdtune.config.settings import OnPolicySettings
 from kdtune.datasets import collate_prompts
 from kdtune.errors import KDTuneError
 from kdtune.losses import ForwardKLLoss, LinearKDLoss
 from kdtune.training.on_policy import OnPolicyBatches, check_replies, completion_batch
 
 
-@kdtune.config.parse
-def main(cfg):
+@kdtune.config.parse(OnPolicySettings)  # checks every setting, then main(cfg, s)
+def main(cfg, s):
     # 1. Settings, output folder and prompts: everything that can be checked before a weight loads.
-    s = read_settings(cfg, OnPolicySettings)
     run = training.RunContext(cfg, s)
     kd = training.distillation_parts(cfg)
     if kd.teacher_cache:
@@ -57,6 +56,7 @@ def main(cfg):
     # 2. The models: a trainable student and a frozen teacher.
     student = training.load_student(kd.checkpointer, cfg.get("model"), device=run.device, dtype=run.dtype,
                                     resume_dir=run.resume_dir)
+    print(training.describe_trainable(student))  # what trains, in one line
     teacher = training.load_teacher(kd.teacher_checkpointer, cfg.get("teacher"), device=run.device, dtype=run.dtype)
     if s.compile:  # each decoder layer on its own: the first steps run slower while they compile
         for layer in student.layers:
@@ -83,7 +83,7 @@ def main(cfg):
     state.register("completions", completions)
     if run.resume_dir is not None:
         state.load(run.resume_dir)
-    run.start(dataset=dataset, tokenizer=tokenizer)  # every check passed: lock output_dir, record the run
+    run.start(dataset=dataset, tokenizer=tokenizer, step=state.global_step)  # checks passed: lock, record
     logger = training.build_metric_logger(cfg.get("metric_logger"), run.output_dir, run.dist)
 
     def forward(batch):
@@ -93,7 +93,7 @@ def main(cfg):
         with torch.no_grad():
             return hidden, teacher(batch["tokens"], **inputs), teacher.output_weight
 
-    def validate(kd_ratio: float) -> dict:
+    def validate(kd_ratio: float, temperature: float) -> dict:
         """Held-out losses on the validation set's reference replies, of the student as it is now."""
         student.eval()
         num_tokens = training.step_tokens(val_batches, run.dist)
@@ -103,7 +103,7 @@ def main(cfg):
                 batch = training.to_device(batch, run.device)
                 hidden, teacher_hidden, teacher_weight = forward(batch)
                 heads = (hidden, student.output_weight, teacher_hidden, teacher_weight, batch["labels"])
-                ce, kd_term = kd_loss(*heads, kd_ratio=kd_ratio, num_tokens=num_tokens)
+                ce, kd_term = kd_loss(*heads, kd_ratio=kd_ratio, num_tokens=num_tokens, temperature=temperature)
                 kl = kl_to_teacher(*heads, kd_ratio=1.0, num_tokens=num_tokens)[1]
                 metrics.add(val_loss=(1 - kd_ratio) * ce + kd_ratio * kd_term, val_ce_loss=ce, val_kd_loss=kd_term,
                             val_kl=kl)
@@ -117,6 +117,7 @@ def main(cfg):
     while state.epoch < s.epochs:
         for prompts in steps.epoch(state):  # state.global_step now numbers this step
             start = time.perf_counter()
+            temperature = kd.divergence.temperature  # the loss's, this step (a schedule may vary it)
             micro, generation_metrics = completions(prompts)  # batches marked "generated" or not
             num_tokens = training.step_tokens(micro, run.dist)  # completion tokens of all micro-batches
             metrics = training.StepMetrics()
@@ -126,7 +127,8 @@ def main(cfg):
                 with run.autocast():  # bf16 matmuls when autocast is set; the loss math stays float32
                     hidden, teacher_hidden, teacher_weight = forward(batch)
                     ce, kd_term = kd_loss(hidden, student.output_weight, teacher_hidden, teacher_weight,
-                                          batch["labels"], kd_ratio=kd_ratio, num_tokens=num_tokens)
+                                          batch["labels"], kd_ratio=kd_ratio, num_tokens=num_tokens,
+                                          temperature=temperature)
                 loss = (1 - kd_ratio) * ce + kd_ratio * kd_term
                 run.dist.backward(loss)
                 metrics.add(loss=loss, ce_loss=ce, kd_loss=kd_term)
@@ -141,7 +143,7 @@ def main(cfg):
             values.update(kd_ratio=s.kd_ratio, num_tokens=num_tokens, peak_memory_gb=training.peak_memory_gb(run.device),
                           tokens_per_second=num_tokens / run.dist.world_size / (time.perf_counter() - start))
             if val_batches and state.global_step % s.validation.every_n_steps == 0:
-                values.update(validate(s.kd_ratio))
+                values.update(validate(s.kd_ratio, temperature))
             if logger and state.global_step % s.log_every_n_steps == 0:
                 logger.log_dict({"epoch": state.epoch, **values}, step=state.global_step)
             bar.update(1)

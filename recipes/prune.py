@@ -20,18 +20,17 @@ import kdtune.config
 from kdtune import pruning
 from kdtune.checkpointing import HFCheckpointer, write_checkpoint
 from kdtune.config import instantiate
-from kdtune.config.settings import PruneSettings, read_settings
+from kdtune.config.settings import PruneSettings
 from kdtune.errors import KDTuneError
 from kdtune.training.precision import resolve_device, resolve_dtype
 
 REPORT = "prune_report.json"
 
 
-@kdtune.config.parse
-def main(cfg):
+@kdtune.config.parse(PruneSettings)  # checks every setting, then main(cfg, s)
+def main(cfg, s):
     # 1. Everything that can be checked before a weight loads: the targets against config.json,
     # the calibration data, and an output folder that does not exist yet (nothing is overwritten).
-    s = read_settings(cfg, PruneSettings)
     device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
     if Path(s.output_dir).exists():
         raise KDTuneError(f"output_dir: '{s.output_dir}' exists; the pruned checkpoint goes into a new folder")

@@ -68,15 +68,16 @@ def cmd_cat(args) -> None:
 
 def cmd_validate(args) -> None:
     from kdtune.config import load_config, validate
-    from kdtune.config.builtins import config_recipe, find_config
-    from kdtune.config.settings import RECIPE_SETTINGS, read_settings
+    from kdtune.config.builtins import config_recipe, find_config, recipe_settings
+    from kdtune.config.settings import read_settings
 
     cfg = load_config(args.config, args.overrides)
-    recipe = config_recipe(find_config(args.config))  # the recipe named on the config's first line
-    if recipe in RECIPE_SETTINGS:
-        read_settings(cfg, RECIPE_SETTINGS[recipe])  # the checks the recipe makes before loading anything
+    # the recipe given, or the one named on the config's first line (# Recipe: NAME)
+    recipe = args.recipe or config_recipe(find_config(args.config))
+    if recipe:
+        read_settings(cfg, recipe_settings(recipe))  # the checks the recipe makes before loading anything
     n = validate(cfg)
-    settings = f"its settings are what {recipe} accepts; " if recipe in RECIPE_SETTINGS else ""
+    settings = f"its settings are what {recipe} accepts; " if recipe else ""
     print(f"Config '{args.config}' is well-formed: {settings}{n} components resolve and their arguments bind.")
 
 
@@ -133,10 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_cp)
 
     for name, fn, text in (("cat", cmd_cat, "print a config after overrides"),
-                           ("validate", cmd_validate, "check that every component resolves and binds")):
+                           ("validate", cmd_validate, "check a config's settings and that every component binds")):
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="built-in config name or .yaml path")
         p.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
+        if name == "validate":
+            p.add_argument("--recipe", default=None,
+                           help="check against this recipe (a name or a copied .py); default: the config's own")
         p.set_defaults(fn=fn)
 
     sub.add_parser("run", help="run a recipe: kdtune run [torchrun options] RECIPE --config CONFIG [overrides]",
@@ -173,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             from kdtune.cli.run import run
 
             return run(argv[argv.index("run") + 1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and (not hasattr(args, "overrides") or any(a.startswith("-") for a in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:  # overrides after an option (validate CONFIG --recipe R key=value): argparse stops at it
+            args.overrides += extra
         args.fn(args)
     return 0
 

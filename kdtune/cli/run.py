@@ -9,6 +9,7 @@ import logging
 import os
 import runpy
 import sys
+from pathlib import Path
 
 from kdtune.config.builtins import find_config, find_recipe
 from kdtune.errors import KDTuneError
@@ -51,6 +52,8 @@ def run(argv: list[str]) -> int:
     recipe_argv = _config_arg(recipe_argv)
     if not launcher_argv:
         sys.argv = [script, *recipe_argv]
+        # as `python my_kd.py` does: modules beside a copied recipe import, in it and as _component_
+        sys.path.insert(0, str(Path(script).resolve().parent))
         runpy.run_path(script, run_name="__main__")
         return 0
 

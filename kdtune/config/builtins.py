@@ -6,6 +6,8 @@ install and a wheel. A recipe is listed and runnable only once its file exists.
 """
 
 import difflib
+import runpy
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -86,3 +88,16 @@ def find_config(name_or_path: str) -> Path:
             f"unknown config '{name_or_path}'{_suggest(name_or_path, configs)} (see 'kdtune ls')"
         )
     return configs[name_or_path]
+
+
+def recipe_settings(name_or_path: str):
+    """The settings class a recipe's ``main`` reads (``@kdtune.config.parse(SettingsClass)``), found by
+    importing the script with its folder on the import path, as ``kdtune run`` does."""
+    script = find_recipe(name_or_path)
+    sys.path.insert(0, str(script.resolve().parent))  # its own modules, and its components, import
+    main = runpy.run_path(str(script), run_name="kdtune_recipe").get("main")  # __main__ guard: nothing runs
+    settings = getattr(main, "settings", None)
+    if settings is None:
+        raise KDTuneError(f"recipe '{name_or_path}': its main() names no settings class; decorate it with "
+                          f"@kdtune.config.parse(SettingsClass) so that its settings can be checked")
+    return settings

@@ -8,6 +8,7 @@ arguments at the call (``instantiate(cfg.optimizer, model.parameters())``).
 import difflib
 import importlib
 import inspect
+import sys
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,13 +24,14 @@ def resolve_component(name: str, where: str = "_component_") -> Callable:
         raise KDTuneError(f"{where}: expected a component name, got {name!r}")
     path = COMPONENTS.get(name, name)
     module_name, _, attr = path.rpartition(".")
-    obj = None
+    obj = missing = None
     if module_name:
         try:
             obj = getattr(importlib.import_module(module_name), attr, None)
         except ImportError as e:
             if not _is_missing_module(e, module_name):
                 raise
+            missing = e.name
     if obj is None and module_name:  # a nested attribute, e.g. package.Class.from_x
         parent_name, _, parent_attr = module_name.rpartition(".")
         try:
@@ -40,8 +42,24 @@ def resolve_component(name: str, where: str = "_component_") -> Callable:
     if not callable(obj):
         close = difflib.get_close_matches(name, list(COMPONENTS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else " (see 'kdtune ls --components')"
-        raise KDTuneError(f"{where}: cannot resolve component '{name}'{hint}")
+        raise KDTuneError(f"{where}: cannot resolve component '{name}': {_where_looked(module_name, attr, missing)}"
+                          f"{hint}")
     return obj
+
+
+def _where_looked(module_name: str, attr: str, missing: str | None) -> str:
+    """Where a dotted path was looked for: the registry, then the module on the import path."""
+    if not module_name:
+        return "not a registry short name"
+    if missing:
+        python = (sys.prefix, sys.base_prefix)  # the installation's own folders: named as "installed packages"
+        folders = [p or "." for p in sys.path if not p.startswith(python)]
+        where = f"{', '.join(folders[:4])} or the installed packages" if folders else "the installed packages"
+        return (f"not a registry short name, and no module '{missing}' in {where} (a module beside a copied "
+                f"recipe imports under `kdtune run` and `python recipe.py`)")
+    module = sys.modules.get(module_name)
+    found = f" ({module.__file__})" if getattr(module, "__file__", None) else ""
+    return f"module '{module_name}'{found} has no callable '{attr}'"
 
 
 def _is_missing_module(e: ImportError, module_name: str) -> bool:

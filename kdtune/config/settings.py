@@ -1,14 +1,15 @@
 """What each recipe's settings accept: the top-level keys of its config (and of its ``generation`` and
 ``validation`` nodes), with their types, ranges and defaults, checked before anything heavy happens.
 
-A recipe reads its settings with ``read_settings(cfg, DistillationSettings)`` and gets a frozen
-dataclass; ``kdtune validate`` runs the same checks for a built-in config's recipe (its first line
-names it). A key the recipe does not read is an error naming the nearest key it does, so a typo is
-never silently ignored. A copied recipe that reads a key of its own subclasses its settings class::
+A recipe names its settings class in ``@kdtune.config.parse(DistillationSettings)``, which reads
+and checks them into a frozen dataclass before ``main(cfg, s)`` runs; ``kdtune validate`` runs the
+same checks for the config's recipe (its first line names it, or ``--recipe``). A key the recipe
+does not read is an error naming the nearest key it does, so a typo is never silently ignored. A
+copied recipe that reads a key of its own subclasses its settings class and names the subclass::
 
     @dataclass(frozen=True, kw_only=True)
-    class MySettings(DistillationSettings):
-        kd_ratio_start: float = setting(0.0, number(0, 1), "kd_ratio at step 1, rising to kd_ratio")
+    class Settings(DistillationSettings):
+        kd_warmup_steps: int = setting(0, integer(0), "kd_ratio rises from 0 to kd_ratio over this many steps")
 
 Component nodes (``optimizer``, ``dataset`` ...) are only checked to be nodes here; their arguments
 are checked when they are built (`instantiate`), the ``model`` and ``teacher`` options by the loaders.
@@ -254,14 +255,18 @@ class TrainingSettings:
         import torch
 
         from kdtune.config.instantiate import instantiate
+        from kdtune.training.models import check_lora_options
 
+        check_lora_options(plain.get("model"))
         for key in ("lr", "weight_decay", "eps"):
             if key in plain["optimizer"]:
                 number(0)(f"optimizer.{key}", plain["optimizer"][key])
         optimizer = instantiate(plain["optimizer"], [torch.nn.Parameter(torch.zeros(1))], _where="optimizer")
         instantiate(plain["lr_scheduler"], optimizer, num_training_steps=1, _where="lr_scheduler")
         if "kd_loss" in plain:
-            instantiate(plain["kd_loss"], _where="kd_loss")
+            from kdtune.training.distillation import build_divergence
+
+            build_divergence(plain["kd_loss"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -380,16 +385,3 @@ class PruneSettings:
     device: str | None = setting(None, device(), "cpu, cuda, cuda:N or auto")
     dtype: str = setting("fp32", choice(*DTYPES), "the weights' dtype while measuring and in the output")
 
-
-RECIPE_SETTINGS = {
-    "full_finetune_single_device": TrainingSettings,
-    "lora_finetune_single_device": TrainingSettings,
-    "lora_finetune_distributed": TrainingSettings,
-    "knowledge_distillation_single_device": DistillationSettings,
-    "knowledge_distillation_distributed": DistillationSettings,
-    "on_policy_distillation_single_device": OnPolicySettings,
-    "cache_teacher_logits": CacheSettings,
-    "generate": GenerateSettings,
-    "eleuther_eval": EvalSettings,
-    "prune": PruneSettings,
-}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from kdtune.checkpointing import HFCheckpointer, check_vocab_compatible
-from kdtune.config import instantiate
+from kdtune.config import instantiate, resolve_component
 from kdtune.errors import KDTuneError
 from kdtune.losses import Divergence, HiddenStateLoss
 
@@ -50,4 +50,23 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
         hidden = instantiate(cfg.hidden_state_loss, student=checkpointer.model_args,
                              teacher=teacher_checkpointer.model_args)
     return DistillationParts(tokenizer, checkpointer, teacher_checkpointer,
-                             instantiate(cfg.kd_loss, vocab_size=vocab_size), cache or None, hidden)
+                             build_divergence(cfg.kd_loss, vocab_size=vocab_size), cache or None, hidden)
+
+
+DIVERGENCE_INTERFACE = ("subclass kdtune.losses.Divergence: pass temperature, ignore_index and vocab_size on to "
+                        "its __init__ and define per_token(log_q, log_p) -> [N] (see docs/losses.md, 'Writing a "
+                        "divergence')")
+
+
+def build_divergence(node, **kwargs) -> Divergence:
+    """``kd_loss`` built, refused in one line unless it is a `Divergence`: the fused, chunked and top-k
+    forms call its ``per_token`` and read its ``temperature``, ``ignore_index`` and ``vocab_size``."""
+    name = node.get("_component_")
+    component = resolve_component(name, "kd_loss._component_")
+    if isinstance(component, type) and not issubclass(component, Divergence):
+        raise KDTuneError(f"kd_loss: '{name}' is not a divergence; a kd_loss must {DIVERGENCE_INTERFACE}")
+    divergence = instantiate(node, _where="kd_loss", **kwargs)
+    if not isinstance(divergence, Divergence):
+        raise KDTuneError(f"kd_loss: '{name}' made a {type(divergence).__name__}, not a divergence; a kd_loss must "
+                          f"{DIVERGENCE_INTERFACE}")
+    return divergence

@@ -41,20 +41,38 @@ def _builder_model(opts: dict, key: str):
 
 
 def is_lora(model_node) -> bool:
-    """Whether a ``model`` node asks for LoRA adapters."""
-    return model_node is not None and any(k in model_node for k in ("lora_rank", "lora_attn_modules"))
+    """Whether a ``model`` node asks for LoRA adapters: it sets ``lora_rank`` (another LoRA option
+    alone is refused by `check_lora_options`, never a silent switch to LoRA)."""
+    return model_node is not None and "lora_rank" in model_node
+
+
+def check_lora_options(model_node) -> None:
+    """A LoRA option without ``lora_rank`` is refused: it would otherwise switch a full run to LoRA."""
+    stray = [k for k in LORA_KEYS if k != "lora_rank" and k in (model_node or {})]
+    if stray and not is_lora(model_node):
+        raise KDTuneError(f"model.{stray[0]}: a LoRA option, but model.lora_rank is not set; set lora_rank to "
+                          f"train LoRA adapters, or remove {stray[0]} to train every weight")
 
 
 def describe_trainable(model: nn.Module) -> str:
+    """One line saying what trains: trainable and total parameter counts, and the LoRA targets."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+    adapters = lora_modules(model)
+    if adapters:
+        targets = sorted({name.rsplit(".", 1)[-1] for name in adapters})
+        ranks = sorted({m.rank for m in adapters.values()})
+        what = f"LoRA rank {'/'.join(map(str, ranks))} on {', '.join(targets)} ({len(adapters)} projections)"
+    else:
+        what = "every weight (full fine-tuning)"
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%): {what}"
 
 
 def load_student(checkpointer: HFCheckpointer, model_node, *, device, dtype, resume_dir: Path | None = None) -> nn.Module:
     """The trainable student. A full model resumes from the step folder's weights; a LoRA model
     reloads its base from the original checkpoint and its adapter from the step folder."""
     opts = _options(model_node, _MODEL_KEYS, "model")
+    check_lora_options(opts)
     lora = {k: opts[k] for k in LORA_KEYS if k in opts}
     source = checkpointer if resume_dir is None or lora else HFCheckpointer(resume_dir)
     if lora:  # the adapters must fit the layers: checked on a model without memory, before any weight loads

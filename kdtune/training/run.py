@@ -14,6 +14,7 @@ run ends with one line saying where it stopped and which checkpoint a resume use
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -55,8 +56,11 @@ class RunContext:
         _check_unlocked(self.output_dir)
         self.resume_dir = _resume_dir(self.output_dir, settings.resume_from_checkpoint)
         recorded = _read_run_file(self.output_dir) if self.resume_dir is not None else None
+        self.recipe = _recipe_identity()
         if self.resume_dir is not None:
-            _check_same_run(self.output_dir, cfg, getattr(settings, "resume_allow_changes", []))
+            allowed = getattr(settings, "resume_allow_changes", [])
+            _check_same_run(self.output_dir, cfg, allowed)
+            _check_same_recipe(recorded, self.recipe, allowed)
         self.stopping: int | None = None  # the signal that asked the run to stop
         self.training = False
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -78,10 +82,11 @@ class RunContext:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     # -- the run's lifetime ----------------------------------------------------------------------
-    def start(self, *, dataset, tokenizer) -> None:
+    def start(self, *, dataset, tokenizer, step: int | None = None) -> None:
         """Every check passed: lock the output folder, tidy it, and record (or check) what defines
-        the run. Call it once, right before the training loop."""
-        identity = {"seed": self.seed, "processes": self.dist.world_size,
+        the run. Call it once, right before the training loop; ``step`` is the step a resumed run
+        continues after (its records of later steps, logged before a kill, are dropped: they are redone)."""
+        identity = {"seed": self.seed, "processes": self.dist.world_size, "recipe": self.recipe,
                     "tokenizer": getattr(tokenizer, "vocab_fingerprint", None), "dataset": fingerprint(dataset)}
         if self.dist.is_main:
             try:
@@ -94,6 +99,8 @@ class RunContext:
                     (self.output_dir / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n")
                 else:
                     _check_identity(self.output_dir, identity, getattr(self.settings, "resume_allow_changes", []))
+                    if step is not None:
+                        _drop_records_after(self.output_dir / METRICS_FILE, step)
             except OSError as e:
                 raise KDTuneError(f"output_dir: cannot write to '{self.output_dir}': {e.strerror or e}") from None
         self.training = True
@@ -185,6 +192,46 @@ def _check_same_run(output_dir: Path, cfg: DictConfig, allowed) -> None:
                 f"resume_from_checkpoint: {key} was {show(old)} in the run being resumed and is {show(new)} now; "
                 f"a resumed run keeps what defines it (data, tokenizer, model, loss, batch geometry): restore "
                 f"it, start a new output_dir, or allow the change with resume_allow_changes=[{key}]")
+
+
+def _recipe_identity() -> dict | None:
+    """The running recipe script's file name and SHA-256 (None when not run as a script)."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else None
+    if script is None or not script.is_file():
+        return None
+    return {"name": script.name, "sha256": hashlib.sha256(script.read_bytes()).hexdigest()}
+
+
+def _check_same_recipe(recorded: dict | None, recipe: dict | None, allowed) -> None:
+    """A resume runs the recipe file the run began with: another one may register other state (a
+    schedule, parameter groups) that the checkpoint does not hold, or hold state it ignores."""
+    before = (recorded or {}).get("recipe")
+    if before is None or recipe is None or before.get("sha256") == recipe["sha256"] or "recipe" in allowed:
+        return
+    show = lambda r: f"{r.get('name')} (sha256 {str(r.get('sha256'))[:12]})"  # noqa: E731
+    raise KDTuneError(f"resume_from_checkpoint: the recipe was {show(before)} in the run being resumed and is "
+                      f"{show(recipe)} now; resume with the recipe file the run began with, start a new output_dir, "
+                      f"or allow the change with resume_allow_changes=[recipe]")
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl without the records of steps after ``step`` (atomically)."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(b"".join(kept))
+    os.replace(tmp, path)
+
+
+def _record_step(line: bytes) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):  # a torn last line: the logger cuts it off when it opens the file
+        return 0
 
 
 def _check_identity(output_dir: Path, identity: dict, allowed) -> None:

@@ -43,9 +43,11 @@ def get_cosine_schedule_with_warmup(optimizer: Optimizer, num_warmup_steps: int,
 
 
 class LinearSchedule:
-    """A value going linearly from ``start`` to ``end`` over ``num_steps`` calls of ``step()``, then
-    staying at ``end``. ``value`` is the current one. Register it with the run's `TrainingState`
-    so a resumed run picks it up where the checkpoint left it."""
+    """A value going linearly from ``start`` to ``end`` over ``num_steps`` steps, then staying at
+    ``end``: ``value`` is ``start`` before the first ``step()`` and ``end`` after ``num_steps - 1``
+    of them, so a run of ``num_steps`` optimizer steps that reads ``value`` and then calls
+    ``step()`` trains its first step at ``start`` and its last at ``end`` (one step: at ``end``).
+    Register it with the run's `TrainingState` so a resumed run picks it up where the checkpoint left it."""
 
     def __init__(self, start: float, end: float, num_steps: int):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -55,7 +57,7 @@ class LinearSchedule:
 
     @property
     def value(self) -> float:
-        progress = min(self.steps_taken / self.num_steps, 1.0)
+        progress = min(self.steps_taken / (self.num_steps - 1), 1.0) if self.num_steps > 1 else 1.0
         return self.start + (self.end - self.start) * progress
 
     def step(self) -> None:

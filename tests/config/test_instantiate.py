@@ -41,10 +41,15 @@ def test_nested_instantiation_with_positional_args_and_interpolation():
 def test_registry_short_names_and_dotted_paths():
     assert resolve_component("adamw") is torch.optim.AdamW
     assert resolve_component("torch.optim.SGD") is torch.optim.SGD
-    with pytest.raises(KDTuneError, match="cannot resolve component 'adamww'; did you mean 'adamw'"):
+    with pytest.raises(KDTuneError, match="cannot resolve component 'adamww': not a registry short name; did you "
+                                          "mean 'adamw'"):
         resolve_component("adamww")
-    with pytest.raises(KDTuneError, match="cannot resolve component 'no.such.thing'"):
+    with pytest.raises(KDTuneError, match="cannot resolve component 'no.such.thing': not a registry short name, and "
+                                          "no module 'no' in .* or the installed packages"):
         resolve_component("no.such.thing")
+    with pytest.raises(KDTuneError, match=r"module 'torch.optim' \(.*torch/optim/__init__.py\) has no callable "
+                                          "'AdamWW'"):
+        resolve_component("torch.optim.AdamWW")
 
 
 def test_every_registered_component_resolves():

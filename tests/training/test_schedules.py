@@ -87,15 +87,18 @@ def test_registry_short_name():
 def test_linear_schedule_values_and_resume():
     from kdtune.training.schedules import LinearSchedule
 
-    schedule = LinearSchedule(0.0, 0.8, num_steps=4)
+    schedule = LinearSchedule(0.0, 0.6, num_steps=4)
     values = []
     for _ in range(6):
         values.append(schedule.value)
         schedule.step()
-    assert values == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.8])
-    resumed = LinearSchedule(0.0, 0.8, num_steps=4)
+    # a run of num_steps steps (value read, then step()) trains its first at start and its last at end
+    assert values == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.6, 0.6])
+    one = LinearSchedule(0.0, 0.6, num_steps=1)
+    assert one.value == pytest.approx(0.6)
+    resumed = LinearSchedule(0.0, 0.6, num_steps=4)
     resumed.load_state_dict(torch.load(io.BytesIO(_saved(schedule.state_dict())), weights_only=True))
-    assert resumed.value == schedule.value == pytest.approx(0.8)
+    assert resumed.value == schedule.value == pytest.approx(0.6)
 
 
 def _saved(state) -> bytes:
