@@ -9,7 +9,7 @@ An interrupted run resumes when rerun with the same config. Copy this file (`kdt
 
 import kdtune.config
 from kdtune import offline, training
-from kdtune.checkpointing import check_same_tokens
+from kdtune.checkpointing import check_same_tokens, require_comparable
 from kdtune.config import instantiate
 from kdtune.config.settings import CacheSettings
 from kdtune.training.precision import resolve_device, resolve_dtype
@@ -22,7 +22,11 @@ def main(cfg, s):
     tokenizer = instantiate(cfg.tokenizer)
     teacher_checkpointer = instantiate(cfg.teacher_checkpointer)
     # The distillation reads the cache with this tokenizer (the student's): the teacher must share it.
-    check_same_tokens(tokenizer.path, teacher_checkpointer.checkpoint_dir, tokenizer.vocab_size)
+    teacher_rows = teacher_checkpointer.model_args.vocab_size
+    if teacher_rows != tokenizer.vocab_size:  # padded, or another vocabulary: only the tokenizers can tell
+        require_comparable(tokenizer.path, teacher_checkpointer.checkpoint_dir, tokenizer.vocab_size, teacher_rows,
+                           s.teacher_vocab_check)
+    check_same_tokens(tokenizer.path, teacher_checkpointer.checkpoint_dir, min(tokenizer.vocab_size, teacher_rows))
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
     training.check_positions(dataset, teacher_checkpointer)  # no sample longer than the teacher's positions
     teacher_node = s.teacher or {}
@@ -30,7 +34,8 @@ def main(cfg, s):
         s.output_dir, dataset, tokenizer, top_k=s.top_k, temperature=s.temperature, logprob_dtype=s.logprob_dtype,
         samples_per_shard=s.samples_per_shard,
         teacher={"checkpoint_dir": str(teacher_checkpointer.checkpoint_dir), "quantize": teacher_node.get("quantize"),
-                 "dtype": teacher_node.get("dtype", s.dtype)},
+                 "dtype": teacher_node.get("dtype", s.dtype), "vocab_size": teacher_rows,
+                 "vocab_check": s.teacher_vocab_check},
     )
     if writer.complete:
         print(f"{s.output_dir} already holds this cache, complete; nothing to do")

@@ -29,8 +29,11 @@ def _token_table(checkpoint_dir: Path) -> dict[int, str] | None:
     return table
 
 
+VOCAB_CHECKS = ("tokenizer", "padding")  # teacher_vocab_check: compare the tokenizers, or trust the padding
+
+
 def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tokenizer_vocab_size: int,
-                           marker_ids: frozenset[int] = frozenset()) -> int:
+                           marker_ids: frozenset[int] = frozenset(), vocab_check: str = "tokenizer") -> int:
     """Return the number of output rows both checkpoints' models are scored on, checked before
     training starts: ``tokenizer_vocab_size``, or fewer when the tokenizer's last ids are markers
     (``Tokenizer.marker_ids``: special, not BOS/EOS/padding) a model has no rows for. Gemma 3 1B's
@@ -38,10 +41,11 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tok
     holds such tokens, so no label or prediction is lost.
 
     Raises a KDTuneError when a model lacks rows for an ordinary token id (it cannot be that model's
-    tokenizer), or when both checkpoints ship a ``tokenizer.json`` and they map some scored id to
-    different tokens.
+    tokenizer), when both checkpoints ship a ``tokenizer.json`` and they map some scored id to
+    different tokens, or (see `require_comparable`) when the embedding tables differ in size and a
+    ``tokenizer.json`` is missing, unless ``vocab_check`` is ``padding``.
     """
-    scored = tokenizer_vocab_size
+    scored, rows = tokenizer_vocab_size, []
     for who, folder in (("student", student_dir), ("teacher", teacher_dir)):
         size = text_config(read_config(Path(folder)))["vocab_size"]
         if scored_vocab_size(size, tokenizer_vocab_size, marker_ids) is None:
@@ -49,9 +53,28 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tok
                 f"the {who} ({folder}) has {size} embedding rows but the tokenizer has {tokenizer_vocab_size} "
                 "tokens: teacher and student must use the same tokenizer"
             )
-        scored = min(scored, size)
+        scored, rows = min(scored, size), rows + [size]
+    if rows[0] != rows[1]:
+        require_comparable(student_dir, teacher_dir, rows[0], rows[1], vocab_check)
     check_same_tokens(student_dir, teacher_dir, scored)
     return scored
+
+
+def require_comparable(student_side: str | Path, teacher_dir: str | Path, student_rows: int, teacher_rows: int,
+                       vocab_check: str) -> None:
+    """Tables of different sizes are the same tokenizer padded differently only if the tokenizers say
+    so: with a ``tokenizer.json`` missing on either side nothing shows that the extra rows are padding
+    (a teacher of another, larger vocabulary would be distilled on the student's first rows), so it is
+    refused unless ``teacher_vocab_check: padding`` trusts it."""
+    if vocab_check == "padding":
+        return
+    missing = [str(d) for d in (student_side, teacher_dir) if _token_table(Path(d)) is None]
+    if missing:
+        raise KDTuneError(
+            f"teacher_vocab_check: the teacher ({teacher_dir}) has {teacher_rows:,} embedding rows and the student "
+            f"{student_rows:,}, and {missing[0]} has no tokenizer.json to show that the extra rows are padding; put "
+            f"the teacher's tokenizer files beside its weights, or set teacher_vocab_check: padding to trust that "
+            f"rows past {min(student_rows, teacher_rows):,} are padding of the same tokenizer")
 
 
 def scored_vocab_size(rows: int, tokenizer_vocab_size: int, marker_ids: frozenset[int]) -> int | None:

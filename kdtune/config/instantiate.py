@@ -89,6 +89,7 @@ def instantiate(node, *args, _where: str | None = None, **kwargs):
 
 def _build(plain: dict, where: str, args=(), extra=None):
     fn = resolve_component(plain["_component_"], f"{where}._component_")
+    _check_arguments(fn, plain, where)
     kwargs = {k: _build_nested(v, f"{where}.{k}") for k, v in plain.items() if k != "_component_"}
     kwargs.update(extra or {})
     _check_binding(fn, plain["_component_"], where, args, kwargs)
@@ -109,6 +110,13 @@ def _build_nested(value, where: str):
     if isinstance(value, list):
         return [_build_nested(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+def _check_arguments(fn, given: dict, where: str) -> None:
+    """The ranges a component declares for its arguments (`kdtune.config.checks.argument_checks`)."""
+    for name, check in getattr(fn, "argument_checks", {}).items():
+        if name in given:
+            check(f"{where}.{name}", given[name])
 
 
 def _check_binding(fn, name: str, where: str, args, kwargs, partial: bool = False) -> None:
@@ -149,6 +157,7 @@ def _validate_node(value, where: str) -> int:
         if "_component_" in value:
             fn = resolve_component(value["_component_"], f"{where or 'config'}._component_")
             kwargs = {k: v for k, v in value.items() if k != "_component_"}
+            _check_arguments(fn, kwargs, where or "config")
             _check_binding(fn, value["_component_"], where or "config", (), kwargs, partial=True)
             count += 1
     elif isinstance(value, list):

@@ -17,117 +17,21 @@ are checked when they are built (`instantiate`), the ``model`` and ``teacher`` o
 
 import difflib
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kdtune.config.checks import (  # noqa: F401  (a copied recipe's settings import them from here)
+    DTYPES, Check, _described, _got, boolean, choice, device, integer, names, node, number, text,
+)
 from kdtune.errors import KDTuneError
 from kdtune.losses import DEFAULT_CHUNK_SIZE, FORMS
-
-Check = Callable[[str, Any], Any]
-DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
 
 def setting(default: Any = MISSING, check: Check | None = None, help: str = ""):
     """A settings field: its default (none: required), the check its value must pass, what it means."""
     return field(default=default, metadata={"check": check, "help": help})
-
-
-def _got(value) -> str:
-    return f"{value!r}" if not isinstance(value, str) else f"'{value}'"
-
-
-def _described(check: Check, what: str) -> Check:
-    check.what = what  # how the configs' comments name the type
-    return check
-
-
-def integer(minimum: int | None = None, *, optional: bool = False) -> Check:
-    what = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
-        minimum, f"an integer >= {minimum}")
-    what += " or null" if optional else ""
-
-    def check(key, value):
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-            raise KDTuneError(f"{key}: expected {what}, got {_got(value)}")
-        return value
-
-    return _described(check, what)
-
-
-def number(minimum: float | None = None, maximum: float | None = None, *, above: bool = False,
-           optional: bool = False) -> Check:
-    """A real number in [minimum, maximum] (``above``: strictly above ``minimum``)."""
-    if minimum is not None and maximum is not None:
-        what = f"a number in {'(' if above else '['}{minimum:g}, {maximum:g}]"
-    elif minimum is not None:
-        what = f"a number {'>' if above else '>='} {minimum:g}"
-    else:
-        what = "a number"
-    what += " or null" if optional else ""
-
-    def check(key, value):
-        if value is None and optional:
-            return None
-        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value  # NaN
-        if not bad and minimum is not None:
-            bad = value <= minimum if above else value < minimum
-        if not bad and maximum is not None:
-            bad = value > maximum
-        if bad:
-            raise KDTuneError(f"{key}: expected {what}, got {_got(value)}")
-        return float(value)
-
-    return _described(check, what)
-
-
-def boolean() -> Check:
-    def check(key, value):
-        if not isinstance(value, bool):
-            raise KDTuneError(f"{key}: expected true or false, got {_got(value)}")
-        return value
-
-    return _described(check, "true or false")
-
-
-def choice(*values, optional: bool = False) -> Check:
-    def check(key, value):
-        if value is None and optional:
-            return None
-        if value not in values:
-            listed = ", ".join(map(str, values)) + (", null" if optional else "")
-            raise KDTuneError(f"{key}: expected one of {listed}, got {_got(value)}")
-        return value
-
-    return _described(check, "one of " + ", ".join(map(str, values)) + (", null" if optional else ""))
-
-
-def text(*, optional: bool = False) -> Check:
-    def check(key, value):
-        if value is None and optional:
-            return None
-        if not isinstance(value, str) or not value:
-            raise KDTuneError(f"{key}: expected a non-empty string{' or null' if optional else ''}, got {_got(value)}")
-        return value
-
-    return _described(check, "a string" + (" or null" if optional else ""))
-
-
-def node(*, component: bool = False, optional: bool = False) -> Check:
-    """A mapping (a component node has ``_component_``); checked further where it is built."""
-
-    def check(key, value):
-        if value is None and optional:
-            return None
-        if not isinstance(value, dict) or (component and "_component_" not in value):
-            what = "a node with a '_component_' key" if component else "a mapping of options"
-            raise KDTuneError(f"{key}: expected {what}{' or null' if optional else ''}, got {_got(value)}")
-        return value
-
-    return _described(check, ("a component node" if component else "a mapping") + (" or null" if optional else ""))
 
 
 def nested(cls, *, optional: bool = False) -> Check:
@@ -141,28 +45,8 @@ def nested(cls, *, optional: bool = False) -> Check:
                               f"got {_got(value)}")
         return _read(value, cls, f"{key}.")
 
+    check.settings = cls  # its fields are walked like the top level's
     return _described(check, "a mapping" + (" or null" if optional else ""))
-
-
-def names() -> Check:
-    """A list of setting names (a single name is a list of one)."""
-
-    def check(key, value):
-        value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise KDTuneError(f"{key}: expected a list of setting names, got {_got(value)}")
-        return tuple(value)
-
-    return _described(check, "a list of setting names")
-
-
-def device() -> Check:
-    def check(key, value):
-        if value in (None, "auto", "cpu", "cuda", "mps") or (isinstance(value, str) and value.startswith("cuda:")):
-            return value
-        raise KDTuneError(f"{key}: expected auto, cpu, cuda or cuda:N, got {_got(value)}")
-
-    return _described(check, "auto, cpu, cuda, cuda:N or null")
 
 
 def _read(plain: dict, cls, prefix: str = ""):
@@ -278,6 +162,9 @@ class DistillationSettings(TrainingSettings):
     teacher: dict | None = setting(None, node(optional=True), "teacher options: dtype, quantize (nf4 | int8)")
     teacher_logits_cache: str | None = setting(None, text(optional=True),
                                                "a cache_teacher_logits folder in place of the teacher")
+    teacher_vocab_check: str = setting("tokenizer", choice("tokenizer", "padding"),
+                                       "tokenizer: embedding tables of other sizes need both tokenizers to compare; "
+                                       "padding: trust that the extra rows are padding")
     kd_ratio: float = setting(0.5, number(0, 1), "loss = (1 - kd_ratio) * CE + kd_ratio * KD")
     kd_loss: dict = setting(check=node(component=True), help="the divergence (forward_kl, jsd, ...)")
     hidden_state_loss: dict | None = setting(None, node(component=True, optional=True),
@@ -301,6 +188,9 @@ class CacheSettings:
     output_dir: str = setting(check=text(), help="the cache folder (index.json and safetensors shards)")
     teacher_checkpointer: dict = setting(check=node(component=True), help="the teacher's checkpoint")
     teacher: dict | None = setting(None, node(optional=True), "teacher options: dtype, quantize (nf4 | int8)")
+    teacher_vocab_check: str = setting("tokenizer", choice("tokenizer", "padding"),
+                                       "tokenizer: a teacher whose table is not the tokenizer's size needs its "
+                                       "tokenizer.json to compare; padding: trust that the extra rows are padding")
     tokenizer: dict = setting(check=node(component=True), help="the distillation run's tokenizer (the student's)")
     dataset: dict = setting(check=node(component=True), help="the distillation run's dataset, tokenized alike")
     top_k: int = setting(64, integer(1), "log-probabilities kept per token")

@@ -1,10 +1,13 @@
 """Instruction tuning on Alpaca-style rows (``instruction``, optional ``input``, ``output``)."""
 
+from kdtune.config.checks import argument_checks, boolean, integer
 from kdtune.datasets.messages import alpaca_messages
 from kdtune.datasets.rows import load_rows
 from kdtune.datasets.sft import SFTDataset, chat_sft_dataset
 
 
+@argument_checks(max_seq_len=integer(1, optional=True), train_on_input=boolean(), packed=boolean(),
+                 skip_bad_rows=boolean(), drop_untrained=boolean())
 def alpaca_dataset(
     tokenizer,
     *,

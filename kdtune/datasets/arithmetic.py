@@ -10,6 +10,7 @@ from pathlib import Path
 import random
 import zlib
 
+from kdtune.config.checks import argument_checks, boolean, choice, integer
 from kdtune.datasets.messages import chat_messages
 from kdtune.datasets.rows import Row
 from kdtune.datasets.sft import SFTDataset, chat_sft_dataset
@@ -50,6 +51,8 @@ def write_arithmetic_jsonl(path, num_rows: int, **kwargs) -> Path:
     return path
 
 
+@argument_checks(num_rows=integer(1), split=choice("train", "test"), seed=integer(0), max_digits=integer(1),
+                 max_seq_len=integer(1, optional=True), train_on_input=boolean(), packed=boolean())
 def arithmetic_dataset(
     tokenizer,
     *,

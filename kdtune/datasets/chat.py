@@ -2,12 +2,16 @@
 
 from functools import partial
 
+from kdtune.config.checks import argument_checks, boolean, choice, integer
 from kdtune.datasets.messages import STYLES, chat_messages
 from kdtune.datasets.rows import load_rows
 from kdtune.datasets.sft import SFTDataset, chat_sft_dataset
 from kdtune.errors import KDTuneError
 
 
+@argument_checks(max_seq_len=integer(1, optional=True), conversation_style=choice(*STYLES),
+                 train_on=choice("all", "last"), train_on_input=boolean(), packed=boolean(), skip_bad_rows=boolean(),
+                 drop_untrained=boolean())
 def chat_dataset(
     tokenizer,
     *,

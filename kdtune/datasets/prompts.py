@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 
+from kdtune.config.checks import argument_checks, boolean, choice, integer
 from kdtune.datasets.messages import STYLES, chat_messages
 from kdtune.datasets.rows import convert_rows, field, load_rows
 from kdtune.datasets.sft import IGNORE_INDEX
@@ -41,6 +42,8 @@ def prompt_messages(data: dict, style: str = "auto") -> list[dict]:
     return messages
 
 
+@argument_checks(max_prompt_len=integer(1, optional=True), conversation_style=choice(*STYLES),
+                 skip_bad_rows=boolean())
 def prompt_dataset(
     tokenizer,
     *,

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from kdtune.config.checks import integer
 from kdtune.datasets.rows import Row, convert_rows
 from kdtune.errors import KDTuneError, warn
 from kdtune.tokenization.chat_template import check_train_on
@@ -141,10 +142,11 @@ def chat_sft_dataset(
         return template.render_with_spans(to_messages(data), train_on_input=train_on_input, train_on=train_on)
 
     converted = convert_rows(rows, render, skip_bad_rows)
-    max_seq_len = max_seq_len or tokenizer.max_seq_len
-    samples = tokenizer.tokenize_rendered([text_spans for _, text_spans in converted], max_seq_len) \
-        if converted else []
+    max_seq_len = tokenizer.max_seq_len if max_seq_len is None else integer(1)("max_seq_len", max_seq_len)
+    whole = tokenizer.tokenize_rendered([text_spans for _, text_spans in converted]) if converted else []
+    samples = [tokenizer.truncate(ids, mask, max_seq_len) for ids, mask in whole]
     untrained = [i for i, (_, mask) in enumerate(samples) if not mask[1:].any()]
+    dropped = set()
     if untrained and len(untrained) < len(samples):
         first = converted[untrained[0]][0].where
         why = f"its prompt fills max_seq_len={max_seq_len}" if max_seq_len else "no token of it is trained"
@@ -156,4 +158,15 @@ def chat_sft_dataset(
              f"(the first: {first}; {why})")
         dropped = set(untrained)
         samples = [sample for i, sample in enumerate(samples) if i not in dropped]
-    return SFTDataset(samples, packed=packed, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, name=name)
+    dataset = SFTDataset(samples, packed=packed, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, name=name)
+    kept = [i for i in range(len(whole)) if i not in dropped]  # a dropped sample was counted as dropped
+    report_cut(name, [len(whole[i][0]) for i in kept], max_seq_len, [converted[i][0].where for i in kept])
+    return dataset
+
+
+def report_cut(name: str, lengths: list[int], max_seq_len: int | None, where: list[str]) -> None:
+    """One warning counting the samples longer than ``max_seq_len``: they are cut there, never dropped."""
+    cut = [i for i, n in enumerate(lengths) if max_seq_len is not None and n > max_seq_len]
+    if cut:
+        warn(f"{name}: {len(cut)} of {len(lengths)} samples are longer than max_seq_len={max_seq_len} and are cut "
+             f"there, their ends untrained (the first: {where[cut[0]]}, {lengths[cut[0]]} tokens)")

@@ -2,11 +2,13 @@
 
 import numpy as np
 
+from kdtune.config.checks import argument_checks, boolean, integer
 from kdtune.datasets.rows import convert_rows, field, load_rows
-from kdtune.datasets.sft import SFTDataset
+from kdtune.datasets.sft import SFTDataset, report_cut
 from kdtune.errors import KDTuneError
 
 
+@argument_checks(max_seq_len=integer(1, optional=True), add_eos=boolean(), packed=boolean(), skip_bad_rows=boolean())
 def text_completion_dataset(
     tokenizer,
     *,
@@ -30,14 +32,15 @@ def text_completion_dataset(
             raise KDTuneError("field 'text' is empty")
         return value
 
-    texts = [value for _, value in convert_rows(load_rows(source, data_files, split, column_map), text, skip_bad_rows)]
-    max_seq_len = max_seq_len or tokenizer.max_seq_len
+    converted = convert_rows(load_rows(source, data_files, split, column_map), text, skip_bad_rows)
+    max_seq_len = tokenizer.max_seq_len if max_seq_len is None else integer(1)("max_seq_len", max_seq_len)
+    name = f"text_completion dataset {source} {data_files or ''}".strip()
     eos = [tokenizer.eos_id] if add_eos else []
+    encoded = [ids + eos for ids in tokenizer.encode_batch([value for _, value in converted])]
     samples = []
-    for ids in tokenizer.encode_batch(texts):
-        ids = np.array(ids + eos, dtype=np.int32)[:max_seq_len]
+    for ids in encoded:
+        ids = np.array(ids, dtype=np.int32)[:max_seq_len]
         samples.append((ids, np.ones(len(ids), dtype=bool)))
-    return SFTDataset(
-        samples, packed=packed, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id,
-        name=f"text_completion dataset {source} {data_files or ''}".strip(),
-    )
+    dataset = SFTDataset(samples, packed=packed, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id, name=name)
+    report_cut(name, [len(ids) for ids in encoded], max_seq_len, [row.where for row, _ in converted])
+    return dataset

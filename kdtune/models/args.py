@@ -116,6 +116,7 @@ class ModelArgs:
         act = cfg.get("hidden_activation") or "gelu_pytorch_tanh" if gemma else cfg.get("hidden_act") or "silu"
         if act not in ACTIVATIONS:
             raise KDTuneError(f"{source}: unsupported hidden_act {act!r} (supported: {', '.join(ACTIVATIONS)})")
+        _check_consistent(cfg, source, gemma)
         hidden, heads = need("hidden_size"), need("num_attention_heads")
         layers = need("num_hidden_layers")
         head_dim = cfg.get("head_dim", 256 if gemma else None) or hidden // heads
@@ -182,6 +183,36 @@ def _positive(cfg: dict, key: str, source: str, default: float | None = None) ->
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise KDTuneError(f"{source}: {key} must be a positive number or null, got {value!r}")
     return float(value)
+
+
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+
+
+def _check_consistent(cfg: dict, source: str, gemma: bool) -> None:
+    """The fields the decoder's shapes come from, checked against each other before any weight loads:
+    one line naming the field that contradicts the others."""
+    for key in _SIZES:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise KDTuneError(f"{source}: {key} must be a positive integer, got {value!r}")
+    heads, kv_heads = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise KDTuneError(f"{source}: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads} "
+                          f"(each key/value head serves a whole group of query heads)")
+    head_dim = cfg.get("head_dim", 256 if gemma else None)
+    if head_dim is None and heads and cfg.get("hidden_size") and cfg["hidden_size"] % heads:
+        raise KDTuneError(f"{source}: hidden_size={cfg['hidden_size']} is not a multiple of num_attention_heads="
+                          f"{heads}, and no head_dim says how wide a head is")
+    width = head_dim or (cfg.get("hidden_size") or 0) // (heads or 1)
+    if width % 2:
+        raise KDTuneError(f"{source}: head_dim={width} is odd; rotary embeddings rotate pairs of channels")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise KDTuneError(f"{source}: {key} must be a positive number, got {value!r}")
+    if "tie_word_embeddings" in cfg and not isinstance(cfg["tie_word_embeddings"], bool):
+        raise KDTuneError(f"{source}: tie_word_embeddings must be true or false, got {cfg['tie_word_embeddings']!r}")
 
 
 def _refuse_unimplemented(cfg: dict, model_type: str, source: str) -> None:

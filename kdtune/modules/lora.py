@@ -144,7 +144,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _check_lora_args(lora_attn_modules, lora_rank, lora_alpha, lora_dropout) -> None:
+def check_lora_args(lora_attn_modules, lora_rank, lora_alpha, lora_dropout) -> None:
     bad = [m for m in lora_attn_modules if m not in ATTN_MODULES]
     if bad or isinstance(lora_attn_modules, str):
         shown = lora_attn_modules if isinstance(lora_attn_modules, str) else bad
@@ -178,7 +178,7 @@ def apply_lora(
     weights (embeddings, norms, projections without LoRA) keep their dtype. Load the base weights
     and cast the model before calling this, so the NF4 weights are made from the real ones.
     """
-    _check_lora_args(lora_attn_modules, lora_rank, lora_alpha, lora_dropout)
+    check_lora_args(lora_attn_modules, lora_rank, lora_alpha, lora_dropout)
     if apply_lora_to_output and not isinstance(getattr(model, OUTPUT_MODULE, None), nn.Linear):
         raise KDTuneError(
             "apply_lora_to_output: this model ties its output projection to embed_tokens "

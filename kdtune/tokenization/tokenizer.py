@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import tokenizers
 
+from kdtune.config.checks import argument_checks, integer
 from kdtune.errors import KDTuneError
 from kdtune.tokenization.chat_template import ChatTemplate
 
@@ -197,7 +198,7 @@ class Tokenizer:
                 for start, end in spans:
                     first, stop = _span_tokens(encoding, start, end)
                     mask[first:stop] = True
-                out.append(self._truncate(ids, mask, max_seq_len))
+                out.append(self.truncate(ids, mask, max_seq_len))
         return out
 
     def tokenize_messages(
@@ -216,10 +217,11 @@ class Tokenizer:
         and its last token becomes the end-of-turn token.
         """
         rendered = self.render_with_spans(messages, train_on_input=train_on_input, train_on=train_on)
-        ids, mask = self.tokenize_rendered([rendered], max_seq_len or self.max_seq_len)[0]
+        ids, mask = self.tokenize_rendered([rendered], self.max_seq_len if max_seq_len is None else max_seq_len)[0]
         return ids.tolist(), mask.tolist()
 
-    def _truncate(self, ids: np.ndarray, mask: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def truncate(self, ids: np.ndarray, mask: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """``ids`` and ``mask`` cut at ``limit`` tokens, the last one becoming the end-of-turn token."""
         if limit is None or len(ids) <= limit:
             return ids, mask
         stops = np.flatnonzero(np.isin(ids, self.eos_ids))
@@ -239,6 +241,7 @@ class Tokenizer:
             (directory / "chat_template.jinja").write_text(self.chat_template.source, encoding="utf-8")
 
 
+@argument_checks(max_seq_len=integer(1, optional=True))
 def load_tokenizer(path, *, chat_template: str | None = None, max_seq_len: int | None = None) -> Tokenizer:
     """The tokenizer of the checkpoint directory ``path``.
 

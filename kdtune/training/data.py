@@ -134,8 +134,12 @@ def check_positions(dataset, *checkpointers, extra: int = 0, key: str = "dataset
     """Refuse, before any weight loads, samples (plus ``extra`` generated tokens) longer than a
     model's ``max_position_embeddings``: it was never trained on such positions."""
     longest = longest_sample(dataset) + extra
+    setting = getattr(dataset, "max_seq_len", None)  # a limit the model could never train to is a mistake too
     for checkpointer in checkpointers:
         limit = checkpointer.model_args.max_position_embeddings
+        if setting is not None and setting > limit:
+            raise KDTuneError(f"{key}.max_seq_len: {setting} is past max_position_embeddings={limit} of "
+                              f"{checkpointer.checkpoint_dir}/config.json; set it to at most {limit}")
         if longest > limit:
             what = f"{longest} tokens" + (f" with the {extra} generated" if extra else "")
             raise KDTuneError(f"{key}: a sample of {what} exceeds max_position_embeddings={limit} of "

@@ -3,6 +3,7 @@ the teacher's (their vocabularies must agree with the tokenizer) or a teacher ca
 the divergence, and the hidden-state loss with its layer map when the config asks for one."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -10,6 +11,7 @@ from kdtune.checkpointing import HFCheckpointer, check_vocab_compatible
 from kdtune.config import instantiate, resolve_component
 from kdtune.errors import KDTuneError
 from kdtune.losses import Divergence, HiddenStateLoss
+from kdtune.offline.index import read_index
 
 
 @dataclass
@@ -36,12 +38,15 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
                           "(remove teacher_checkpointer with ~teacher_checkpointer) or from the teacher model")
     if not cache and cfg.get("teacher_checkpointer") is None:
         raise KDTuneError("teacher_checkpointer: required (the teacher's checkpoint), or teacher_logits_cache")
+    vocab_check = cfg.get("teacher_vocab_check", "tokenizer")
+    if cache:
+        check_cache_teacher(Path(cache), vocab_check)
     tokenizer = instantiate(cfg.tokenizer)
     checkpointer = instantiate(cfg.checkpointer)
     teacher_checkpointer = None if cache else instantiate(cfg.teacher_checkpointer)
     vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir,
                                         (teacher_checkpointer or checkpointer).checkpoint_dir, tokenizer.vocab_size,
-                                        tokenizer.marker_ids)
+                                        tokenizer.marker_ids, vocab_check)
     hidden = None
     if cfg.get("hidden_state_loss") is not None:
         if cache:
@@ -51,6 +56,18 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
                              teacher=teacher_checkpointer.model_args)
     return DistillationParts(tokenizer, checkpointer, teacher_checkpointer,
                              build_divergence(cfg.kd_loss, vocab_size=vocab_size), cache or None, hidden)
+
+
+def check_cache_teacher(cache: Path, vocab_check: str) -> None:
+    """A cache whose teacher was trusted (``teacher_vocab_check: padding`` when it was made), not
+    checked against the tokenizer, is read only by a run that trusts it too."""
+    index = read_index(cache) if cache.is_dir() else None
+    teacher = (index or {}).get("teacher") or {}
+    if teacher.get("vocab_check") == "padding" and vocab_check != "padding":
+        raise KDTuneError(f"teacher_vocab_check: the cache in '{cache}' was made with teacher_vocab_check: padding "
+                          f"(its teacher {teacher.get('checkpoint_dir')}, {teacher.get('vocab_size'):,} embedding rows, "
+                          f"was trusted, not checked against the tokenizer); set teacher_vocab_check: padding here "
+                          f"too, or remake the cache with the teacher's tokenizer files beside its weights")
 
 
 DIVERGENCE_INTERFACE = ("subclass kdtune.losses.Divergence: pass temperature, ignore_index and vocab_size on to "

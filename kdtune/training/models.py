@@ -5,6 +5,7 @@ activation checkpointing, and optionally a named builder (``_component_: qwen2_0
 checkpoint must match. The teacher's node may keep it in bf16 or quantize its linear layers.
 """
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -13,9 +14,10 @@ from torch import nn
 
 from kdtune.checkpointing import ADAPTER_SUBDIR, HFCheckpointer, load_peft_adapter, save_peft_adapter
 from kdtune.config import instantiate
+from kdtune.config.checks import boolean
 from kdtune.errors import KDTuneError
 from kdtune.models import TransformerDecoder
-from kdtune.modules.lora import apply_lora, lora_modules, merge_lora_state_dict, quantize_nf4
+from kdtune.modules.lora import apply_lora, check_lora_args, lora_modules, merge_lora_state_dict, quantize_nf4
 from kdtune.training.precision import resolve_dtype
 
 LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
@@ -48,10 +50,21 @@ def is_lora(model_node) -> bool:
 
 def check_lora_options(model_node) -> None:
     """A LoRA option without ``lora_rank`` is refused: it would otherwise switch a full run to LoRA."""
-    stray = [k for k in LORA_KEYS if k != "lora_rank" and k in (model_node or {})]
+    opts = model_node or {}
+    stray = [k for k in LORA_KEYS if k != "lora_rank" and k in opts]
     if stray and not is_lora(model_node):
         raise KDTuneError(f"model.{stray[0]}: a LoRA option, but model.lora_rank is not set; set lora_rank to "
                           f"train LoRA adapters, or remove {stray[0]} to train every weight")
+    if is_lora(model_node):  # the adapters' ranges, before anything loads
+        defaults = {name: p.default for name, p in inspect.signature(apply_lora).parameters.items()}
+        args = {k: opts.get(k, defaults[k]) for k in ("lora_attn_modules", "lora_rank", "lora_alpha", "lora_dropout")}
+        try:
+            check_lora_args(**args)
+        except KDTuneError as e:
+            raise KDTuneError(f"model.{e}") from None
+        for key in ("apply_lora_to_mlp", "apply_lora_to_output", "quantize_base"):
+            if key in opts:
+                boolean()(f"model.{key}", opts[key])
 
 
 def describe_trainable(model: nn.Module) -> str:

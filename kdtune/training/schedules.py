@@ -8,6 +8,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from kdtune.config.checks import argument_checks, integer, number
 from kdtune.errors import KDTuneError
 
 
@@ -25,6 +26,7 @@ def cosine_with_warmup_factor(step: int, *, num_warmup_steps: int, num_training_
     return max(0.0, 0.5 * (1.0 + math.cos(2.0 * math.pi * num_cycles * progress)))
 
 
+@argument_checks(num_warmup_steps=integer(0), num_cycles=number(0))
 def get_cosine_schedule_with_warmup(optimizer: Optimizer, num_warmup_steps: int,
                                     num_training_steps: int, num_cycles: float = 0.5,
                                     last_epoch: int = -1) -> LambdaLR:

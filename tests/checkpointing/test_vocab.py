@@ -47,3 +47,25 @@ def test_markers_past_a_models_rows_are_not_scored(tmp_path):
     assert check_vocab_compatible(student, teacher, tokenizer_vocab_size=4, marker_ids=frozenset({3})) == 3
     with pytest.raises(KDTuneError, match="has 3 embedding rows but the tokenizer has 4 tokens"):
         check_vocab_compatible(student, teacher, tokenizer_vocab_size=4, marker_ids=frozenset({2}))
+
+
+def test_tables_of_other_sizes_need_both_tokenizers_or_an_explicit_trust(tmp_path):
+    """A teacher without tokenizer files and 1,024 more rows: nothing shows that the extra rows are
+    padding (a teacher of a larger vocabulary would be distilled on the student's first rows)."""
+    student = _checkpoint(tmp_path / "student", ["x", "y", "z", "<eos>"], vocab_size=8)
+    teacher = _checkpoint(tmp_path / "teacher", ["x", "y", "z", "<eos>"], vocab_size=8 + 1024)
+    (teacher / "tokenizer.json").unlink()
+    with pytest.raises(KDTuneError, match=r"^teacher_vocab_check: the teacher \(.*teacher\) has 1,032 embedding rows "
+                                          r"and the student 8, and .*teacher has no tokenizer.json .* put the "
+                                          r"teacher's tokenizer files beside its weights, or set teacher_vocab_check: "
+                                          r"padding"):
+        check_vocab_compatible(student, teacher, tokenizer_vocab_size=4)
+    assert check_vocab_compatible(student, teacher, tokenizer_vocab_size=4, vocab_check="padding") == 4
+    (student / "tokenizer.json").unlink()  # the student's side missing is the same blind spot
+    with pytest.raises(KDTuneError, match="has no tokenizer.json"):
+        check_vocab_compatible(student, _checkpoint(tmp_path / "t2", ["x", "y", "z", "<eos>"], vocab_size=16),
+                               tokenizer_vocab_size=4)
+    # tables of one size: nothing to pad, nothing to trust
+    same = _checkpoint(tmp_path / "same", ["x", "y", "z", "<eos>"], vocab_size=8)
+    (same / "tokenizer.json").unlink()
+    assert check_vocab_compatible(student, same, tokenizer_vocab_size=4) == 4

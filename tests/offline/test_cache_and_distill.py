@@ -101,7 +101,8 @@ def test_top_64_stays_close_to_the_online_teacher(world, teacher, online, top64,
     settings = (index["top_k"], index["vocab_size"], index["logprob_dtype"])
     assert settings == (64, vocab_size, "q8")  # the default storage
     assert index["complete"] and index["num_rows"] == sum(count for _, _, count in index["samples"])
-    assert index["teacher"] == {"checkpoint_dir": str(teacher), "dtype": "fp32", "quantize": None}
+    assert index["teacher"] == {"checkpoint_dir": str(teacher), "dtype": "fp32", "quantize": None, "vocab_size": 320,
+                                "vocab_check": "tokenizer"}
     stored = sum(safetensors_bytes(top64 / name) for name in index["shards"])
     assert stored == index["num_rows"] * bytes_per_row(64, vocab_size)
     make_cache(world, teacher, tmp_path / "exact", "logprob_dtype=fp32")

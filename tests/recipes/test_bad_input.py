@@ -7,6 +7,7 @@ another run, a resume — run through the CLI."""
 import hashlib
 import json
 import os
+import re
 import resource
 import runpy
 import shutil
@@ -122,10 +123,32 @@ CASES = [
                                         "+dataset.drop_untrained=false"],
      "some_long.json row 17 (1-based): no token of this sample is trained"),
     ("longer_than_positions", "full", ["dataset.data_files={long}", "dataset.max_seq_len=4096",
-                                       "tokenizer.max_seq_len=4096"], "exceeds max_position_embeddings=512"),
+                                       "tokenizer.max_seq_len=4096"], "is past max_position_embeddings=512"),
+    ("longer_than_positions_by_sample", "full", ["dataset.data_files={long}", "dataset.max_seq_len=null",
+                                                 "tokenizer.max_seq_len=null"], "exceeds max_position_embeddings=512"),
     ("checkpoint_missing", "kd", ["checkpointer.checkpoint_dir={missing}"], "nowhere.json"),
     ("teacher_tokenizer_differs", "kd", ["teacher_checkpointer.checkpoint_dir={other_teacher}"],
      "different tokenizers: token id"),
+    ("max_seq_len_zero", "kd", ["dataset.max_seq_len=0"], "dataset.max_seq_len: expected a positive integer or null, "
+                                                          "got 0"),
+    ("max_seq_len_negative", "full", ["dataset.max_seq_len=-5"], "dataset.max_seq_len: expected a positive integer"),
+    ("tokenizer_max_seq_len_zero", "lora", ["tokenizer.max_seq_len=0"], "tokenizer.max_seq_len: expected a positive"),
+    ("validation_max_seq_len_zero", "kd", ["+validation.every_n_steps=1", "+validation.dataset._component_=alpaca",
+                                           "+validation.dataset.data_files=x.json", "+validation.dataset.max_seq_len=0"],
+     "validation.dataset.max_seq_len: expected a positive integer"),
+    ("num_cycles_negative", "full", ["+lr_scheduler.num_cycles=-1"], "lr_scheduler.num_cycles: expected a number >= 0"),
+    ("lora_dropout_one", "lora", ["model.lora_dropout=1.0"], "model.lora_dropout: must be in [0, 1)"),
+    ("lora_option_without_rank", "kd_full", ["+model.apply_lora_to_mlp=false"],
+     "model.apply_lora_to_mlp: a LoRA option, but model.lora_rank is not set"),
+    ("teacher_vocab_check_unknown", "kd", ["+teacher_vocab_check=trust"],
+     "teacher_vocab_check: expected one of tokenizer, padding, got 'trust'"),
+    ("teacher_larger_without_tokenizer", "kd", ["teacher_checkpointer.checkpoint_dir={padded_teacher}"],
+     "teacher_vocab_check: the teacher"),
+    ("gkd_teacher_larger_without_tokenizer", "gkd", ["dataset.data_files={chats}",
+                                                     "teacher_checkpointer.checkpoint_dir={padded_teacher}"],
+     "has 1,344 embedding rows and the student 320"),
+    ("cache_teacher_larger_without_tokenizer", "cache", ["teacher_checkpointer.checkpoint_dir={padded_teacher}"],
+     "set teacher_vocab_check: padding"),
     ("cache_and_teacher", "kd", ["+teacher_logits_cache={missing}"], "teacher_logits_cache and teacher_checkpointer"),
     ("gkd_from_a_cache", "gkd", ["dataset.data_files={chats}", "~teacher_checkpointer", "+teacher_logits_cache={missing}"],
      "on-policy distillation grades the student's own samples"),
@@ -142,10 +165,22 @@ CASES = [
 ]
 
 
+def padded_teacher(world, tmp_path):
+    """A teacher with 1,024 more embedding rows than the student (trained-looking, not zero) and no
+    tokenizer files: nothing shows that those rows are padding of the same tokenizer."""
+    from kdtune.checkpointing import write_random_checkpoint
+    from tests.recipes.conftest import VOCAB, tiny_config
+
+    return write_random_checkpoint({**tiny_config(3, 64, 4, 2, init=0.2), "vocab_size": VOCAB + 1024},
+                                   tmp_path / "padded_teacher", seed=1)
+
+
 def fill(arg, world, files, tmp_path):
     values = {"chats": files["chats"], **files}
     if "{other_teacher}" in arg:
         values["other_teacher"] = other_teacher(world, tmp_path)
+    if "{padded_teacher}" in arg:
+        values["padded_teacher"] = padded_teacher(world, tmp_path)
     return arg.format(**values) if "{" in arg else arg
 
 
@@ -295,6 +330,43 @@ def test_a_cache_of_a_teacher_with_another_tokenizer_is_refused(world, tmp_path)
                       f"tokenizer.path={world['student']}", f"dataset.data_files={world['data']}")
     assert_user_error(proc, "different tokenizers")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_teacher_trusted_as_padded_distills_and_its_cache_asks_the_same_trust(world, tmp_path):
+    padded, trust = padded_teacher(world, tmp_path), "+teacher_vocab_check=padding"
+    kd = ("run", "knowledge_distillation_single_device", "--config", "tiny/KD_full_single_device",
+          "max_steps_per_epoch=1")
+    proc = run_kdtune(*kd, *kd_overrides(world, tmp_path / "kd"), f"teacher_checkpointer.checkpoint_dir={padded}",
+                      trust, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cache = tmp_path / "cache"
+    proc = run_kdtune("run", "cache_teacher_logits", "--config", "tiny/cache_teacher_logits", f"output_dir={cache}",
+                      f"teacher_checkpointer.checkpoint_dir={padded}", f"tokenizer.path={world['student']}",
+                      f"dataset.data_files={world['data']}", "batch_size=16", trust, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from_cache = (*kd, *base_overrides(world, tmp_path / "from_cache"), "~teacher_checkpointer",
+                  f"+teacher_logits_cache={cache}")
+    assert_user_error(run_kdtune(*from_cache, env=ENV), f"teacher_vocab_check: the cache in '{cache}' was made with "
+                      f"teacher_vocab_check: padding", "1,344 embedding rows")
+    assert not (tmp_path / "from_cache").exists()
+    proc = run_kdtune(*from_cache, trust, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_samples_longer_than_max_seq_len_are_counted_in_one_warning(world, files, tmp_path):
+    recipe, config, base = RECIPE["full"]
+    proc = run_kdtune("run", recipe, "--config", config, *base(world, tmp_path / "out"), "dataset.max_seq_len=24",
+                      "batch_size=2", "max_steps_per_epoch=1", env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("kdtune: warning:")]
+    assert len(warnings) == 1, proc.stderr
+    counted = re.search(r": (\d+) of 64 samples are longer than max_seq_len=24 and are cut there", warnings[0])
+    assert counted, warnings[0]
+    import kdtune
+    from kdtune.datasets import alpaca_dataset
+
+    whole = alpaca_dataset(kdtune.load_tokenizer(world["student"]), data_files=str(world["data"]), max_seq_len=None)
+    assert int(counted.group(1)) == sum(len(s["tokens"]) > 24 for s in whole) > 0
 
 
 def test_dropped_samples_are_counted_in_one_warning(world, files, tmp_path):
