@@ -35,7 +35,8 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     and rename it to ``final`` in one step.
 
     A crash or an exception leaves no ``final`` (only, after a hard crash, a ``.name.tmp*`` folder
-    that nothing reads as a checkpoint and the next run removes). An existing ``final`` is never
+    that nothing reads as a checkpoint, removed by the next write of ``final`` and by a training
+    run's start). An existing ``final`` is never
     replaced: that is an error raised before anything is written. The folder gets the permissions
     the user's umask gives (mkdtemp's are 0700). A failed write (a full disk, an I/O error) is one
     error naming the folder, with nothing of it left behind.
@@ -45,6 +46,8 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         raise KDTuneError(f"{final}: already exists; refusing to overwrite it (use a new output_dir or remove it)")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.tmp*"):  # a killed write of this same folder
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
         os.chmod(tmp, 0o777 & ~current_umask())
     except OSError as e:
