@@ -29,6 +29,7 @@ def main(cfg, s):
     check_same_tokens(tokenizer.path, teacher_checkpointer.checkpoint_dir, min(tokenizer.vocab_size, teacher_rows))
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
     training.check_positions(dataset, teacher_checkpointer)  # no sample longer than the teacher's positions
+    training.check_memory_plan(device, dtype, None, teacher=teacher_checkpointer, teacher_node=cfg.get("teacher"))
     teacher_node = s.teacher or {}
     writer = offline.CacheWriter(
         s.output_dir, dataset, tokenizer, top_k=s.top_k, temperature=s.temperature, logprob_dtype=s.logprob_dtype,

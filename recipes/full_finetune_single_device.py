@@ -32,6 +32,7 @@ def main(cfg, s):
     checkpointer = instantiate(cfg.checkpointer)
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
     training.check_positions(dataset, checkpointer)  # no sample longer than the model's positions
+    training.check_memory_plan(run.device, run.dtype, checkpointer, cfg.get("model"), cfg.optimizer)  # it fits
     steps = training.StepBatches(dataset, batch_size=s.batch_size, collate_fn=lambda b: collate(b, tokenizer.pad_id),
                                  seed=run.seed, shuffle=s.shuffle, max_steps_per_epoch=s.max_steps_per_epoch,
                                  gradient_accumulation_steps=s.gradient_accumulation_steps, dist=run.dist)

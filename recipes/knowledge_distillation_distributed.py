@@ -35,6 +35,8 @@ def main(cfg, s):
     dataset, collate = offline.join_teacher_cache(instantiate(cfg.dataset, tokenizer=kd.tokenizer), kd.teacher_cache,
                                                   tokenizer=kd.tokenizer, temperature=kd.divergence.temperature)
     training.check_positions(dataset, *kd.checkpointers)  # no sample longer than the models' positions
+    training.check_memory_plan(run.device, run.dtype, kd.checkpointer, cfg.get("model"), cfg.optimizer,
+                               kd.teacher_checkpointer, cfg.get("teacher"), processes=run.dist.world_size)
     steps = training.StepBatches(dataset, batch_size=s.batch_size, collate_fn=lambda b: collate(b, kd.tokenizer.pad_id),
                                  seed=run.seed, shuffle=s.shuffle, max_steps_per_epoch=s.max_steps_per_epoch,
                                  gradient_accumulation_steps=s.gradient_accumulation_steps, dist=run.dist)

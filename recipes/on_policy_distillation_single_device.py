@@ -42,6 +42,8 @@ def main(cfg, s):
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)  # prompts, with their reference replies if any
     check_replies(lmbda=s.lmbda, seq_kd=s.seq_kd, dataset=dataset)
     training.check_positions(dataset, *kd.checkpointers, extra=s.generation.max_new_tokens)
+    training.check_memory_plan(run.device, run.dtype, kd.checkpointer, cfg.get("model"), cfg.optimizer,
+                               kd.teacher_checkpointer, cfg.get("teacher"))  # weights and optimizer state fit
     steps = training.StepBatches(dataset, batch_size=s.batch_size, collate_fn=lambda b: collate_prompts(b, tokenizer.pad_id),
                                  seed=run.seed, shuffle=s.shuffle, max_steps_per_epoch=s.max_steps_per_epoch,
                                  gradient_accumulation_steps=s.gradient_accumulation_steps, dist=run.dist)

@@ -101,8 +101,12 @@ def start(family: Family, out: Path, resume: bool, point: str | None) -> subproc
     env.pop("KDTUNE_FAULT", None)
     if point:
         env["KDTUNE_FAULT"] = point
-    return subprocess.Popen(command(family, out, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+    log = out.parent / f"{out.name}.stderr"  # a file, not a pipe: progress bars would fill a pipe and block the run
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(command(family, out, resume), env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                cwd=REPO)
+    proc.log = log
+    return proc
 
 
 def kill_all(out: Path) -> None:
@@ -166,7 +170,7 @@ def run_to_end(family: Family, out: Path, resume: bool) -> tuple[float, float]:
             first = time.perf_counter() - begun
         time.sleep(0.01)
     if proc.returncode != 0:
-        raise SystemExit(f"{family.recipe} failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+        raise SystemExit(f"{family.recipe} failed ({proc.returncode}):\n{proc.log.read_text()[-3000:]}")
     seconds = time.perf_counter() - begun
     return seconds, first if first is not None else seconds / 2
 
@@ -177,11 +181,15 @@ def test_family(name: str, family: Family, root: Path, kills: int, seed: int) ->
     duration, first = run_to_end(family, reference_dir, resume=False)
     reference = outcome(family, reference_dir)
     rng = random.Random(f"{seed}:{name}")
-    plan = [("point", p) for p in family.points] + [("time", None)] * max(0, kills - len(family.points))
+    points = iter(family.points[:kills])
     result = {"family": name, "kills": 0, "point_kills": 0, "time_kills": 0, "trials": 0, "equal": True,
               "leftovers": [], "reference_s": duration, "first_s": first}
     trial, out, resumed = 0, None, False
-    for how, point in plan:
+    attempts = 0
+    while result["kills"] < kills and attempts < 10 * kills:  # a random moment may come after a run has ended
+        attempts += 1
+        point = next(points, None)
+        how = "point" if point else "time"
         if out is None:
             trial, resumed = trial + 1, False
             out = root / f"{name}_trial{trial}"
@@ -192,8 +200,8 @@ def test_family(name: str, family: Family, root: Path, kills: int, seed: int) ->
             except subprocess.TimeoutExpired:
                 kill_all(out)
         proc.wait(timeout=900)
-        kill_all(out)  # a worker whose launcher died would hold the pipe open
-        err = proc.stderr.read()
+        kill_all(out)  # a worker whose launcher was killed outlives it
+        err = proc.log.read_text()
         # one process dies by the signal; torchrun reports its killed worker and exits 1
         killed = proc.returncode == -signal.SIGKILL or family.distributed and proc.returncode == 1 and "SIGKILL" in err
         if proc.returncode != 0 and not killed:

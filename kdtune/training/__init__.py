@@ -6,12 +6,14 @@
 - `StepBatches`, `validation_batches`, `to_device` (data.py): optimizer steps of micro-batches;
 - `step_tokens`, `StepMetrics`, `check_finite` (step_metrics.py): token counts and metrics per step;
 - `load_student`, `load_teacher`, `student_saver` (models.py) and `distillation_parts`;
+- `check_memory_plan` (memory.py): a run whose models cannot fit is refused before they load;
 - schedules, metric loggers, the progress bar, RNG helpers and plots.
 """
 
 from kdtune.training.data import StepBatches, build_validation, check_positions, to_device, validation_batches
 from kdtune.training.distillation import DistillationParts, distillation_parts
 from kdtune.training.distribution import Distribution
+from kdtune.training.memory import check_memory_plan
 from kdtune.training.metric_logging import (
     JsonlLogger,
     MetricLogger,
@@ -49,6 +51,7 @@ __all__ = [
     "build_metric_logger",
     "build_validation",
     "check_finite",
+    "check_memory_plan",
     "check_positions",
     "describe_trainable",
     "distillation_parts",

@@ -140,7 +140,7 @@ CASES = [
     ("lora_dropout_one", "lora", ["model.lora_dropout=1.0"], "model.lora_dropout: must be in [0, 1)"),
     ("lora_option_without_rank", "kd_full", ["+model.apply_lora_to_mlp=false"],
      "model.apply_lora_to_mlp: a LoRA option, but model.lora_rank is not set"),
-    ("teacher_vocab_check_unknown", "kd", ["+teacher_vocab_check=trust"],
+    ("teacher_vocab_check_unknown", "kd", ["teacher_vocab_check=trust"],
      "teacher_vocab_check: expected one of tokenizer, padding, got 'trust'"),
     ("teacher_larger_without_tokenizer", "kd", ["teacher_checkpointer.checkpoint_dir={padded_teacher}"],
      "teacher_vocab_check: the teacher"),
@@ -149,6 +149,10 @@ CASES = [
      "has 1,344 embedding rows and the student 320"),
     ("cache_teacher_larger_without_tokenizer", "cache", ["teacher_checkpointer.checkpoint_dir={padded_teacher}"],
      "set teacher_vocab_check: padding"),
+    ("teacher_too_large", "kd", ["teacher_checkpointer.checkpoint_dir={huge_teacher}"],
+     "memory: this run needs at least"),
+    ("cache_teacher_too_large", "cache", ["teacher_checkpointer.checkpoint_dir={huge_teacher}"],
+     "quantize the teacher (teacher.quantize: nf4)"),
     ("cache_and_teacher", "kd", ["+teacher_logits_cache={missing}"], "teacher_logits_cache and teacher_checkpointer"),
     ("gkd_from_a_cache", "gkd", ["dataset.data_files={chats}", "~teacher_checkpointer", "+teacher_logits_cache={missing}"],
      "on-policy distillation grades the student's own samples"),
@@ -175,10 +179,24 @@ def padded_teacher(world, tmp_path):
                                    tmp_path / "padded_teacher", seed=1)
 
 
+def huge_teacher(world, tmp_path):
+    """A config.json of a 64-layer, 16,384-wide teacher (about 200 billion weights, none on disk)
+    beside the world's tokenizer: it cannot fit, and nothing may try to load it."""
+    from tests.recipes.conftest import VOCAB, tiny_config
+
+    folder = tmp_path / "huge_teacher"
+    shutil.copytree(world["teacher"], folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    config = {**tiny_config(64, 16384, 128, 8), "vocab_size": VOCAB, "intermediate_size": 53248}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def fill(arg, world, files, tmp_path):
     values = {"chats": files["chats"], **files}
     if "{other_teacher}" in arg:
         values["other_teacher"] = other_teacher(world, tmp_path)
+    if "{huge_teacher}" in arg:
+        values["huge_teacher"] = huge_teacher(world, tmp_path)
     if "{padded_teacher}" in arg:
         values["padded_teacher"] = padded_teacher(world, tmp_path)
     return arg.format(**values) if "{" in arg else arg
@@ -232,6 +250,31 @@ def test_a_disk_that_fills_up_during_a_save(world, tmp_path):
                        "save_every_n_steps=2", "resume_from_checkpoint=true", env=ENV)
     assert again.returncode == 0, again.stderr
     assert (out / "epoch_1" / "config.json").is_file() and (out / "metrics.previous.jsonl").is_file()
+
+
+def test_a_disk_that_fills_up_keeps_the_previous_checkpoint(world, tmp_path):
+    """A 2 MB disk (tmpfs) holds the first checkpoint (1.2 MB) but not the second: the second save is
+    one line, leaves nothing, and the first stays loadable; with room again, a resume finishes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        out = disk / "run"
+        recipe, config, base = RECIPE["full"]
+        args = ("run", recipe, "--config", config, *base(world, out), "max_steps_per_epoch=4", "save_every_n_steps=2")
+        assert_user_error(run_kdtune(*args, env=ENV), f"{out}/epoch_1: cannot be written (No space left on device)",
+                          "the checkpoints written before it are intact")
+        assert [p.name for p in out.iterdir() if p.name.startswith(("step_", "epoch_", ".epoch_"))] == ["step_2"]
+        import kdtune
+
+        kdtune.load_model(out / "step_2")  # whole and loadable
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        again = run_kdtune(*args, "resume_from_checkpoint=true", env=ENV)
+        assert again.returncode == 0, again.stderr
+        assert latest_checkpoint(out).name == "epoch_1"
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +376,7 @@ def test_a_cache_of_a_teacher_with_another_tokenizer_is_refused(world, tmp_path)
 
 
 def test_a_teacher_trusted_as_padded_distills_and_its_cache_asks_the_same_trust(world, tmp_path):
-    padded, trust = padded_teacher(world, tmp_path), "+teacher_vocab_check=padding"
+    padded, trust = padded_teacher(world, tmp_path), "teacher_vocab_check=padding"
     kd = ("run", "knowledge_distillation_single_device", "--config", "tiny/KD_full_single_device",
           "max_steps_per_epoch=1")
     proc = run_kdtune(*kd, *kd_overrides(world, tmp_path / "kd"), f"teacher_checkpointer.checkpoint_dir={padded}",
