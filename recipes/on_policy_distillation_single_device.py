@@ -6,6 +6,9 @@ otherwise the teacher writes them (``seq_kd: true``) or the dataset's own replie
 is the ``kd_loss`` divergence (default: generalized JSD, beta 0.5) on completion tokens only, fused
 with the output projections; ``kd_ratio < 1`` mixes cross-entropy in on the dataset's replies.
 ``generation.temperature`` is the sampling temperature, ``kd_loss.temperature`` the loss's.
+``lmbda_end`` moves ``lmbda`` linearly over the run. ``on_policy_loss: sampled_reverse_kl`` scores
+the student's own completions instead by the sampled-token reverse KL, a policy gradient that needs
+only the teacher's log-probability of each sampled token (see kdtune/losses/sampled_kl.py).
 
 The training step is this file: copy it (``kdtune cp on_policy_distillation_single_device my_gkd.py``)
 and edit it — how completions are chosen, the loss on them, a metric of your own. kdtune supplies the
@@ -23,8 +26,8 @@ from kdtune.config import instantiate
 from kdtune.config.settings import OnPolicySettings
 from kdtune.datasets import collate_prompts
 from kdtune.errors import KDTuneError
-from kdtune.losses import ForwardKLLoss, LinearKDLoss
-from kdtune.training.on_policy import OnPolicyBatches, check_replies, completion_batch
+from kdtune.losses import ForwardKLLoss, LinearKDLoss, SampledReverseKLLoss, token_logprobs
+from kdtune.training.on_policy import OnPolicyBatches, check_plain_sampling, check_replies, completion_batch
 
 
 @kdtune.config.parse(OnPolicySettings)  # checks every setting, then main(cfg, s)
@@ -40,7 +43,10 @@ def main(cfg, s):
                           "knowledge_distillation_single_device for intermediate-layer losses")
     tokenizer = kd.tokenizer
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)  # prompts, with their reference replies if any
-    check_replies(lmbda=s.lmbda, seq_kd=s.seq_kd, dataset=dataset)
+    lowest_lmbda = s.lmbda if s.lmbda_end is None else min(s.lmbda, s.lmbda_end)
+    check_replies(lmbda=lowest_lmbda, seq_kd=s.seq_kd, dataset=dataset)
+    if s.on_policy_loss == "sampled_reverse_kl":
+        check_plain_sampling(s.generation)
     training.check_positions(dataset, *kd.checkpointers, extra=s.generation.max_new_tokens)
     training.check_memory_plan(run.device, run.dtype, kd.checkpointer, cfg.get("model"), cfg.optimizer,
                                kd.teacher_checkpointer, cfg.get("teacher"))  # weights and optimizer state fit
@@ -68,7 +74,8 @@ def main(cfg, s):
     # state a resume restores (the completion source's generators included); then the run starts.
     completions = OnPolicyBatches(student, teacher, lmbda=s.lmbda, seq_kd=s.seq_kd, seed=run.seed,
                                   generation=dataclasses.asdict(s.generation), stop_ids=tokenizer.eos_ids,
-                                  pad_id=tokenizer.pad_id, vocab_size=kd.divergence.vocab_size, device=run.device)
+                                  pad_id=tokenizer.pad_id, vocab_size=kd.divergence.vocab_size, device=run.device,
+                                  lmbda_end=s.lmbda_end, num_steps=s.epochs * steps.steps_per_epoch)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer, params)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
@@ -76,6 +83,9 @@ def main(cfg, s):
     caps = dict(student_softcap=student.args.final_logit_softcapping,
                 teacher_softcap=teacher.args.final_logit_softcapping)
     kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size, **caps)
+    # on_policy_loss: sampled_reverse_kl scores the student's own completions by a policy gradient instead
+    sampled_kl = SampledReverseKLLoss(vocab_size=kd.divergence.vocab_size, softcap_value=caps["student_softcap"],
+                                      chunk_size=s.loss_chunk_size) if s.on_policy_loss == "sampled_reverse_kl" else None
     kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
                                  chunk_size=s.loss_chunk_size, **caps)  # validation's val_kl, whatever kd_loss is
     save = training.student_saver(kd.checkpointer, student)
@@ -87,6 +97,14 @@ def main(cfg, s):
         state.load(run.resume_dir)
     run.start(dataset=dataset, tokenizer=tokenizer, step=state.global_step)  # checks passed: lock, record
     logger = training.build_metric_logger(cfg.get("metric_logger"), run.output_dir, run.dist)
+
+    def teacher_logprobs(teacher_hidden, teacher_weight, labels):
+        """The teacher's log-probability of each labelled token (all the sampled estimator needs of it)."""
+        with torch.no_grad():
+            keep = labels != -100
+            return token_logprobs(teacher_hidden[keep], teacher_weight, labels[keep],
+                                  vocab_size=kd.divergence.vocab_size, softcap_value=caps["teacher_softcap"],
+                                  chunk_size=s.loss_chunk_size)
 
     def forward(batch):
         """The student's and the teacher's final hidden states, and the teacher's output weight."""
@@ -120,6 +138,7 @@ def main(cfg, s):
         for prompts in steps.epoch(state):  # state.global_step now numbers this step
             start = time.perf_counter()
             temperature = kd.divergence.temperature  # the loss's, this step (a schedule may vary it)
+            sampling_temperature = s.generation.temperature  # what the student's completions were drawn at
             micro, generation_metrics = completions(prompts)  # batches marked "generated" or not
             num_tokens = training.step_tokens(micro, run.dist)  # completion tokens of all micro-batches
             metrics = training.StepMetrics()
@@ -128,12 +147,20 @@ def main(cfg, s):
                 batch = training.to_device(batch, run.device)
                 with run.autocast():  # bf16 matmuls when autocast is set; the loss math stays float32
                     hidden, teacher_hidden, teacher_weight = forward(batch)
-                    ce, kd_term = kd_loss(hidden, student.output_weight, teacher_hidden, teacher_weight,
-                                          batch["labels"], kd_ratio=kd_ratio, num_tokens=num_tokens,
-                                          temperature=temperature)
+                    if sampled_kl is not None and batch["generated"]:  # a policy gradient on its own tokens
+                        scores = teacher_logprobs(teacher_hidden, teacher_weight, batch["labels"])
+                        kd_term, estimate = sampled_kl(hidden, student.output_weight, scores, batch["labels"],
+                                                       num_tokens=num_tokens, sampling_temperature=sampling_temperature)
+                        ce = torch.zeros_like(estimate)
+                    else:
+                        ce, kd_term = kd_loss(hidden, student.output_weight, teacher_hidden, teacher_weight,
+                                              batch["labels"], kd_ratio=kd_ratio, num_tokens=num_tokens,
+                                              temperature=temperature)
+                        estimate = kd_term
                 loss = (1 - kd_ratio) * ce + kd_ratio * kd_term
                 run.dist.backward(loss)
-                metrics.add(loss=loss, ce_loss=ce, kd_loss=kd_term)
+                # the sampled estimator's loss is a surrogate: log its reverse-KL estimate instead
+                metrics.add(loss=(1 - kd_ratio) * ce + kd_ratio * estimate, ce_loss=ce, kd_loss=estimate)
             values = {**metrics.reduce(run.dist), **generation_metrics}
             training.check_finite(values["loss"], state.global_step, last_checkpoint)
             if s.clip_grad_norm is not None:

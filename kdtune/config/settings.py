@@ -176,6 +176,11 @@ class OnPolicySettings(DistillationSettings):
     """On-policy distillation (GKD): the student writes some of the completions it learns on."""
 
     lmbda: float = setting(0.5, number(0, 1), "probability that a step's completions are the student's own")
+    lmbda_end: float | None = setting(None, number(0, 1, optional=True),
+                                      "lmbda moves linearly from lmbda to this by the last step; null: constant")
+    on_policy_loss: str = setting("divergence", choice("divergence", "sampled_reverse_kl"),
+                                  "on the student's own completions: kd_loss over the whole vocabulary, or the "
+                                  "sampled-token reverse KL (a policy gradient; the teacher scores sampled tokens)")
     seq_kd: bool = setting(False, boolean(), "off-policy steps train on teacher-written completions")
     generation: GenerationSettings = setting(check=nested(GenerationSettings), help="how completions are sampled")
     kd_ratio: float = setting(1.0, number(0, 1), "< 1 mixes CE in on the dataset's replies, never on generated ones")

@@ -19,6 +19,7 @@ from kdtune.losses.hidden_states import (
     uniform_layer_map,
 )
 from kdtune.losses.linear import FORMS, LinearCrossEntropyLoss, LinearKDLoss
+from kdtune.losses.sampled_kl import SampledReverseKLLoss, token_logprobs
 from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import TokenLoss, count_valid_tokens
 
@@ -37,11 +38,13 @@ __all__ = [
     "MSEHiddenStateLoss",
     "NormalizedMSEHiddenStateLoss",
     "ReverseKLLoss",
+    "SampledReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",
     "TVDLoss",
     "TeacherTopK",
     "TokenLoss",
     "count_valid_tokens",
+    "token_logprobs",
     "uniform_layer_map",
 ]

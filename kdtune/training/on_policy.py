@@ -29,6 +29,16 @@ def check_replies(*, lmbda: float, seq_kd: bool, dataset) -> None:
                               f"writes every completion) or seq_kd=true (the teacher writes them)")
 
 
+def check_plain_sampling(generation) -> None:
+    """The sampled-token estimator's importance weights correct for the sampling temperature only: a
+    truncated sampler (top-k, top-p) or greedy decoding is refused before anything loads."""
+    if generation.temperature == 0 or generation.top_k is not None or (generation.top_p or 1.0) < 1:
+        raise KDTuneError(f"generation: on_policy_loss=sampled_reverse_kl needs plain sampling (temperature > 0, "
+                          f"top_k null, top_p 1), got temperature {generation.temperature}, top_k "
+                          f"{generation.top_k}, top_p {generation.top_p}: its importance weights model the "
+                          f"temperature only")
+
+
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], *, stop_ids, pad_id: int) -> dict:
     """Right-padded ``tokens``/``labels`` of prompt + completion rows in which only completion tokens
     are learned, up to and including the first stop token: prompts, anything after that stop token
@@ -62,25 +72,36 @@ class OnPolicyBatches:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, lmbda: float, seq_kd: bool, seed: int,
-                 generation: dict, stop_ids, pad_id: int, vocab_size: int, device: torch.device):
+                 generation: dict, stop_ids, pad_id: int, vocab_size: int, device: torch.device,
+                 lmbda_end: float | None = None, num_steps: int = 1):
         self.student, self.teacher, self.lmbda, self.seq_kd = student, teacher, lmbda, seq_kd
+        self.lmbda_end, self.num_steps = lmbda_end, num_steps
         self.generation = dict(generation)
         self.stop_ids, self.pad_id, self.vocab_size = tuple(stop_ids), pad_id, vocab_size
         self.draws = torch.Generator().manual_seed(seed)
         self.sampling = torch.Generator(device).manual_seed(seed)
         self.steps = self.on_policy_steps = 0
 
+    def current_lmbda(self) -> float:
+        """``lmbda`` for the coming step: constant, or linear from ``lmbda`` at the first of
+        ``num_steps`` steps to ``lmbda_end`` at the last."""
+        if self.lmbda_end is None:
+            return self.lmbda
+        progress = min(self.steps / (self.num_steps - 1), 1.0) if self.num_steps > 1 else 1.0
+        return self.lmbda + (self.lmbda_end - self.lmbda) * progress
+
     def next_source(self) -> str:
         """``student``, ``teacher`` or ``dataset``: one draw per step whatever ``lmbda`` is, so the
         draws stay aligned with the steps."""
-        on_policy = torch.rand((), generator=self.draws).item() < self.lmbda
+        on_policy = torch.rand((), generator=self.draws).item() < self.current_lmbda()
         return "student" if on_policy else "teacher" if self.seq_kd else "dataset"
 
     def __call__(self, micro: list[dict]) -> tuple[list[dict], dict[str, float]]:
+        lmbda = self.current_lmbda()
         source = self.next_source()
         self.steps += 1
         self.on_policy_steps += source == "student"
-        metrics = {"on_policy_fraction": self.on_policy_steps / self.steps}
+        metrics = {"lmbda": lmbda, "on_policy_fraction": self.on_policy_steps / self.steps}
         batches, rows, generated, seconds = [], 0, 0, 0.0
         for batch in micro:
             prompts = unpadded_prompts(batch)

@@ -41,7 +41,8 @@ METRICS_FILE = "metrics.jsonl"
 # names it. Everything else (epochs, learning rate, clipping, cadences, validation, device) may change.
 DEFINING = ("checkpointer.checkpoint_dir", "tokenizer", "dataset", "model", "seed", "shuffle", "batch_size",
             "gradient_accumulation_steps", "dtype", "optimizer._component_", "teacher_checkpointer.checkpoint_dir",
-            "teacher", "teacher_logits_cache", "kd_loss", "kd_ratio", "lmbda", "seq_kd", "generation")
+            "teacher", "teacher_logits_cache", "kd_loss", "kd_ratio", "lmbda", "lmbda_end", "on_policy_loss", "seq_kd",
+            "generation")
 _MISSING = object()
 
 

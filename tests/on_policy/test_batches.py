@@ -60,7 +60,7 @@ def test_lmbda_0_trains_on_the_dataset_replies_without_generating(parts, monkeyp
     results, calls, _ = source_of(parts, monkeypatch, lmbda=0.0, seq_kd=False)
     assert calls == []
     for batches, metrics in results:
-        assert metrics == {"on_policy_fraction": 0.0}
+        assert metrics == {"lmbda": 0.0, "on_policy_fraction": 0.0}
         for batch, prompts in zip(batches, micro):
             expected = completion_batch(on_policy.unpadded_prompts(prompts), prompts["completions"],
                                         stop_ids=tok.eos_ids, pad_id=tok.pad_id)
