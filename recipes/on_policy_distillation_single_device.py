@@ -46,7 +46,7 @@ def main(cfg, s):
     lowest_lmbda = s.lmbda if s.lmbda_end is None else min(s.lmbda, s.lmbda_end)
     check_replies(lmbda=lowest_lmbda, seq_kd=s.seq_kd, dataset=dataset)
     if s.on_policy_loss == "sampled_reverse_kl":
-        check_plain_sampling(s.generation)
+        check_plain_sampling(s.generation, cfg.get("model"))
     training.check_positions(dataset, *kd.checkpointers, extra=s.generation.max_new_tokens)
     training.check_memory_plan(run.device, run.dtype, kd.checkpointer, cfg.get("model"), cfg.optimizer,
                                kd.teacher_checkpointer, cfg.get("teacher"))  # weights and optimizer state fit
@@ -147,7 +147,7 @@ def main(cfg, s):
                 batch = training.to_device(batch, run.device)
                 with run.autocast():  # bf16 matmuls when autocast is set; the loss math stays float32
                     hidden, teacher_hidden, teacher_weight = forward(batch)
-                    if sampled_kl is not None and batch["generated"]:  # a policy gradient on its own tokens
+                    if sampled_kl is not None and batch["student_written"]:  # a policy gradient on its own tokens
                         scores = teacher_logprobs(teacher_hidden, teacher_weight, batch["labels"])
                         kd_term, estimate = sampled_kl(hidden, student.output_weight, scores, batch["labels"],
                                                        num_tokens=num_tokens, sampling_temperature=sampling_temperature)

@@ -33,7 +33,8 @@ VOCAB_CHECKS = ("tokenizer", "padding")  # teacher_vocab_check: compare the toke
 
 
 def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tokenizer_vocab_size: int,
-                           marker_ids: frozenset[int] = frozenset(), vocab_check: str = "tokenizer") -> int:
+                           marker_ids: frozenset[int] = frozenset(), vocab_check: str = "tokenizer",
+                           tokenizer_dir: str | Path | None = None) -> int:
     """Return the number of output rows both checkpoints' models are scored on, checked before
     training starts: ``tokenizer_vocab_size``, or fewer when the tokenizer's last ids are markers
     (``Tokenizer.marker_ids``: special, not BOS/EOS/padding) a model has no rows for. Gemma 3 1B's
@@ -43,7 +44,8 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tok
     Raises a KDTuneError when a model lacks rows for an ordinary token id (it cannot be that model's
     tokenizer), when both checkpoints ship a ``tokenizer.json`` and they map some scored id to
     different tokens, or (see `require_comparable`) when the embedding tables differ in size and a
-    ``tokenizer.json`` is missing, unless ``vocab_check`` is ``padding``.
+    ``tokenizer.json`` is missing (the run's, in ``tokenizer_dir``, or the teacher's), unless
+    ``vocab_check`` is ``padding``.
     """
     scored, rows = tokenizer_vocab_size, []
     for who, folder in (("student", student_dir), ("teacher", teacher_dir)):
@@ -55,7 +57,7 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, tok
             )
         scored, rows = min(scored, size), rows + [size]
     if rows[0] != rows[1]:
-        require_comparable(student_dir, teacher_dir, rows[0], rows[1], vocab_check)
+        require_comparable(tokenizer_dir or student_dir, teacher_dir, rows[0], rows[1], vocab_check)
     check_same_tokens(student_dir, teacher_dir, scored)
     return scored
 
@@ -68,13 +70,15 @@ def require_comparable(student_side: str | Path, teacher_dir: str | Path, studen
     refused unless ``teacher_vocab_check: padding`` trusts it."""
     if vocab_check == "padding":
         return
-    missing = [str(d) for d in (student_side, teacher_dir) if _token_table(Path(d)) is None]
+    missing = [d for d in (student_side, teacher_dir) if _token_table(Path(d)) is None]
     if missing:
+        fix = "put the teacher's tokenizer files beside its weights" if missing[0] == teacher_dir else \
+            "point tokenizer.path at a folder with the student's tokenizer.json"
         raise KDTuneError(
-            f"teacher_vocab_check: the teacher ({teacher_dir}) has {teacher_rows:,} embedding rows and the student "
-            f"{student_rows:,}, and {missing[0]} has no tokenizer.json to show that the extra rows are padding; put "
-            f"the teacher's tokenizer files beside its weights, or set teacher_vocab_check: padding to trust that "
-            f"rows past {min(student_rows, teacher_rows):,} are padding of the same tokenizer")
+            f"teacher_vocab_check: the teacher ({teacher_dir}) has {teacher_rows:,} embedding rows and the student's "
+            f"side {student_rows:,}, and {missing[0]} has no tokenizer.json to show that the extra rows are padding; "
+            f"{fix}, or set teacher_vocab_check: padding to trust that rows past "
+            f"{min(student_rows, teacher_rows):,} are padding of the same tokenizer")
 
 
 def scored_vocab_size(rows: int, tokenizer_vocab_size: int, marker_ids: frozenset[int]) -> int | None:

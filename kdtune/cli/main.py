@@ -69,11 +69,13 @@ def cmd_cat(args) -> None:
 def cmd_validate(args) -> None:
     from kdtune.config import load_config, validate
     from kdtune.config.builtins import config_recipe, find_config, recipe_settings
-    from kdtune.config.settings import read_settings
+    from kdtune.config.settings import RECIPE_SETTINGS, read_settings
 
     cfg = load_config(args.config, args.overrides)
     # the recipe given, or the one named on the config's first line (# Recipe: NAME)
     recipe = args.recipe or config_recipe(find_config(args.config))
+    if not args.recipe and recipe not in RECIPE_SETTINGS:
+        recipe = None  # a config line naming no built-in recipe: check components only, as before
     if recipe:
         read_settings(cfg, recipe_settings(recipe))  # the checks the recipe makes before loading anything
     n = validate(cfg)

@@ -91,8 +91,13 @@ def find_config(name_or_path: str) -> Path:
 
 
 def recipe_settings(name_or_path: str):
-    """The settings class a recipe's ``main`` reads (``@kdtune.config.parse(SettingsClass)``), found by
-    importing the script with its folder on the import path, as ``kdtune run`` does."""
+    """The settings class a recipe's ``main`` reads (``@kdtune.config.parse(SettingsClass)``): a built-in
+    recipe's from the table, a script's found by importing it with its folder on the import path, as
+    ``kdtune run`` does."""
+    from kdtune.config.settings import RECIPE_SETTINGS
+
+    if name_or_path in RECIPE_SETTINGS:
+        return RECIPE_SETTINGS[name_or_path]
     script = find_recipe(name_or_path)
     sys.path.insert(0, str(script.resolve().parent))  # its own modules, and its components, import
     main = runpy.run_path(str(script), run_name="kdtune_recipe").get("main")  # __main__ guard: nothing runs

@@ -280,3 +280,19 @@ class PruneSettings:
     device: str | None = setting(None, device(), "cpu, cuda, cuda:N or auto")
     dtype: str = setting("fp32", choice(*DTYPES), "the weights' dtype while measuring and in the output")
 
+
+# The built-in recipes' settings classes, so that `kdtune validate` checks a built-in config without
+# importing its recipe (eleuther_eval's needs lm-eval); a test keeps it equal to each recipe's
+# ``@kdtune.config.parse(...)``. A copied recipe is imported instead (`kdtune validate --recipe`).
+RECIPE_SETTINGS = {
+    "full_finetune_single_device": TrainingSettings,
+    "lora_finetune_single_device": TrainingSettings,
+    "lora_finetune_distributed": TrainingSettings,
+    "knowledge_distillation_single_device": DistillationSettings,
+    "knowledge_distillation_distributed": DistillationSettings,
+    "on_policy_distillation_single_device": OnPolicySettings,
+    "cache_teacher_logits": CacheSettings,
+    "generate": GenerateSettings,
+    "eleuther_eval": EvalSettings,
+    "prune": PruneSettings,
+}

@@ -87,6 +87,9 @@ class SampledReverseKLLoss(nn.Module):
         """``teacher_logprobs`` and ``behavior_logprobs`` (the sampler's, when it was not the current
         student at ``sampling_temperature``) hold one value per kept token, in the labels' order."""
         log_q = self.student_logprobs(student_hidden, student_weight, labels)
+        if log_q.numel() == 0:  # no sampled token here: a zero still connected to the graph, for backward
+            zero = student_hidden.sum() * 0 + student_weight.sum() * 0
+            return zero, zero.detach()
         with torch.no_grad():
             if behavior_logprobs is None and sampling_temperature != 1:
                 behavior_logprobs = self.student_logprobs(student_hidden, student_weight, labels,

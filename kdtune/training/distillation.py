@@ -46,7 +46,7 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
     teacher_checkpointer = None if cache else instantiate(cfg.teacher_checkpointer)
     vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir,
                                         (teacher_checkpointer or checkpointer).checkpoint_dir, tokenizer.vocab_size,
-                                        tokenizer.marker_ids, vocab_check)
+                                        tokenizer.marker_ids, vocab_check, tokenizer_dir=tokenizer.path)
     hidden = None
     if cfg.get("hidden_state_loss") is not None:
         if cache:

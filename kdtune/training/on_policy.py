@@ -29,14 +29,18 @@ def check_replies(*, lmbda: float, seq_kd: bool, dataset) -> None:
                               f"writes every completion) or seq_kd=true (the teacher writes them)")
 
 
-def check_plain_sampling(generation) -> None:
+def check_plain_sampling(generation, model_node=None) -> None:
     """The sampled-token estimator's importance weights correct for the sampling temperature only: a
-    truncated sampler (top-k, top-p) or greedy decoding is refused before anything loads."""
+    truncated sampler (top-k, top-p), greedy decoding, or LoRA dropout (sampling runs without it,
+    the loss with it) is refused before anything loads."""
     if generation.temperature == 0 or generation.top_k is not None or (generation.top_p or 1.0) < 1:
         raise KDTuneError(f"generation: on_policy_loss=sampled_reverse_kl needs plain sampling (temperature > 0, "
                           f"top_k null, top_p 1), got temperature {generation.temperature}, top_k "
                           f"{generation.top_k}, top_p {generation.top_p}: its importance weights model the "
                           f"temperature only")
+    if (model_node or {}).get("lora_dropout"):
+        raise KDTuneError("model.lora_dropout: on_policy_loss=sampled_reverse_kl needs 0: samples are drawn "
+                          "without dropout, so the loss's log-probabilities must be too")
 
 
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], *, stop_ids, pad_id: int) -> dict:
@@ -116,7 +120,7 @@ class OnPolicyBatches:
                 completions = out.completions
                 rows, generated = rows + len(prompts), generated + int(out.completion_lens.sum())
             train = completion_batch(prompts, completions, stop_ids=self.stop_ids, pad_id=self.pad_id)
-            batches.append({**train, "generated": source != "dataset"})
+            batches.append({**train, "generated": source != "dataset", "student_written": source == "student"})
         if rows:
             metrics["generated_length_mean"] = generated / rows
             metrics["generation_tokens_per_second"] = generated / seconds

@@ -13,8 +13,10 @@ run ends with one line saying where it stopped and which checkpoint a resume use
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -27,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdtune.checkpointing import latest_checkpoint
 from kdtune.config import save_config
+from kdtune.config.builtins import recipes_dir
 from kdtune.datasets.fingerprint import fingerprint
 from kdtune.errors import KDTuneError, RunStopped, warn
 from kdtune.training.distribution import Distribution
@@ -57,10 +60,10 @@ class RunContext:
         _check_unlocked(self.output_dir)
         self.resume_dir = _resume_dir(self.output_dir, settings.resume_from_checkpoint)
         recorded = _read_run_file(self.output_dir) if self.resume_dir is not None else None
-        self.recipe = _recipe_identity()
+        self.recipe = _recipe_identity(Path(inspect.currentframe().f_back.f_code.co_filename))  # the caller's file
         if self.resume_dir is not None:
             allowed = getattr(settings, "resume_allow_changes", [])
-            _check_same_run(self.output_dir, cfg, allowed)
+            _check_same_run(self.output_dir, cfg, allowed, settings)
             _check_same_recipe(recorded, self.recipe, allowed)
         self.stopping: int | None = None  # the signal that asked the run to stop
         self.training = False
@@ -175,7 +178,7 @@ def _select(tree, key: str):
     return tree
 
 
-def _check_same_run(output_dir: Path, cfg: DictConfig, allowed) -> None:
+def _check_same_run(output_dir: Path, cfg: DictConfig, allowed, settings=None) -> None:
     """A resume keeps what defines the run, as its original ``config.yaml`` records it."""
     path = output_dir / CONFIG_FILE
     if not path.is_file():
@@ -187,6 +190,8 @@ def _check_same_run(output_dir: Path, cfg: DictConfig, allowed) -> None:
     now = OmegaConf.to_container(cfg, resolve=True)
     for key in DEFINING:
         old, new = _select(before, key), _select(now, key)
+        if old is _MISSING and "." not in key and settings is not None and _default(settings, key) == new:
+            continue  # a setting added since the run began, at its default: what the run had
         if old != new and key not in allowed and key.split(".")[0] not in allowed:
             show = lambda v: "absent" if v is _MISSING else json.dumps(v, default=str)  # noqa: E731
             raise KDTuneError(
@@ -195,21 +200,26 @@ def _check_same_run(output_dir: Path, cfg: DictConfig, allowed) -> None:
                 f"it, start a new output_dir, or allow the change with resume_allow_changes=[{key}]")
 
 
-def _recipe_identity() -> dict | None:
-    """The running recipe script's file name and SHA-256 (None when not run as a script)."""
-    script = Path(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else None
-    if script is None or not script.is_file():
+def _recipe_identity(script: Path) -> dict | None:
+    """The recipe file's name and SHA-256, and whether it is a built-in one (None when there is no file)."""
+    if not script.is_file():
         return None
-    return {"name": script.name, "sha256": hashlib.sha256(script.read_bytes()).hexdigest()}
+    builtin = script.resolve().parent == recipes_dir().resolve()
+    return {"name": script.name, "sha256": hashlib.sha256(script.read_bytes()).hexdigest(), "builtin": builtin}
 
 
 def _check_same_recipe(recorded: dict | None, recipe: dict | None, allowed) -> None:
     """A resume runs the recipe file the run began with: another one may register other state (a
-    schedule, parameter groups) that the checkpoint does not hold, or hold state it ignores."""
+    schedule, parameter groups) that the checkpoint does not hold, or hold state it ignores. A
+    built-in recipe changed by a kdtune upgrade is only noted: the old file is not the user's to keep."""
     before = (recorded or {}).get("recipe")
     if before is None or recipe is None or before.get("sha256") == recipe["sha256"] or "recipe" in allowed:
         return
     show = lambda r: f"{r.get('name')} (sha256 {str(r.get('sha256'))[:12]})"  # noqa: E731
+    if before.get("builtin") and recipe["builtin"] and before.get("name") == recipe["name"]:
+        warn(f"resume_from_checkpoint: the built-in recipe {recipe['name']} changed since the run began (kdtune "
+             f"was updated); resuming with the current one")
+        return
     raise KDTuneError(f"resume_from_checkpoint: the recipe was {show(before)} in the run being resumed and is "
                       f"{show(recipe)} now; resume with the recipe file the run began with, start a new output_dir, "
                       f"or allow the change with resume_allow_changes=[recipe]")
@@ -276,10 +286,20 @@ def _flock(path: Path, flags: int) -> int:
 
 
 def _remove_stale_temporaries(output_dir: Path) -> None:
-    """Hidden folders of saves that never completed (``.step_N.tmp…``, ``.step_N.optimizer``)."""
+    """Hidden folders of saves that never completed (``.step_N.tmp…``, ``.step_N.optimizer``), and a
+    rewrite of metrics.jsonl that a kill interrupted."""
     for path in output_dir.glob(".*_*"):
         if path.is_dir() and (".tmp" in path.name or path.name.endswith(".optimizer")):
             shutil.rmtree(path, ignore_errors=True)
+    (output_dir / f".{METRICS_FILE}.tmp").unlink(missing_ok=True)
+
+
+def _default(settings, key: str):
+    """The default of the settings field ``key`` (``_MISSING`` when it has none)."""
+    for f in dataclasses.fields(settings):
+        if f.name == key:
+            return f.default
+    return _MISSING
 
 
 def _set_aside_earlier_logs(output_dir: Path) -> None:

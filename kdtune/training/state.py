@@ -63,11 +63,13 @@ class TrainingState:
         for name, obj in self._objects.items():
             try:
                 obj.load_state_dict(state[name])
+            except torch.cuda.OutOfMemoryError:
+                raise
             except (ValueError, KeyError, RuntimeError, IndexError) as e:  # torch's messages for a changed shape
                 raise KDTuneError(f"resume_from_checkpoint: '{folder}' holds a '{name}' that does not fit this run's "
-                                  f"({' '.join(str(e).split())[:200]}); the recipe changed it since the checkpoint "
-                                  f"(parameter groups, a module): resume with the recipe that made it, or start a "
-                                  f"new output_dir") from None
+                                  f"({' '.join(str(e).split())[:200]}); something it depends on changed since the "
+                                  f"checkpoint (the recipe's parameter groups or modules, the device): resume as the "
+                                  f"run began, or start a new output_dir") from None
         for name, opt in self._optimizers().items():
             for group, fresh in zip(opt.param_groups, configured[name]):
                 _configured_hyperparameters(group, fresh)

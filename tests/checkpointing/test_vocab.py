@@ -56,7 +56,7 @@ def test_tables_of_other_sizes_need_both_tokenizers_or_an_explicit_trust(tmp_pat
     teacher = _checkpoint(tmp_path / "teacher", ["x", "y", "z", "<eos>"], vocab_size=8 + 1024)
     (teacher / "tokenizer.json").unlink()
     with pytest.raises(KDTuneError, match=r"^teacher_vocab_check: the teacher \(.*teacher\) has 1,032 embedding rows "
-                                          r"and the student 8, and .*teacher has no tokenizer.json .* put the "
+                                          r"and the student's side 8, and .*teacher has no tokenizer.json to show .* put the "
                                           r"teacher's tokenizer files beside its weights, or set teacher_vocab_check: "
                                           r"padding"):
         check_vocab_compatible(student, teacher, tokenizer_vocab_size=4)
@@ -65,6 +65,10 @@ def test_tables_of_other_sizes_need_both_tokenizers_or_an_explicit_trust(tmp_pat
     with pytest.raises(KDTuneError, match="has no tokenizer.json"):
         check_vocab_compatible(student, _checkpoint(tmp_path / "t2", ["x", "y", "z", "<eos>"], vocab_size=16),
                                tokenizer_vocab_size=4)
+    # the run's tokenizer elsewhere (tokenizer.path): it is the student's side that counts
+    tokenizer_dir = _checkpoint(tmp_path / "tokenizer_only", ["x", "y", "z", "<eos>"], vocab_size=8)
+    teacher_with = _checkpoint(tmp_path / "t3", ["x", "y", "z", "<eos>"], vocab_size=16)
+    assert check_vocab_compatible(student, teacher_with, tokenizer_vocab_size=4, tokenizer_dir=tokenizer_dir) == 4
     # tables of one size: nothing to pad, nothing to trust
     same = _checkpoint(tmp_path / "same", ["x", "y", "z", "<eos>"], vocab_size=8)
     (same / "tokenizer.json").unlink()

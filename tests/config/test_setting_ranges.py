@@ -3,15 +3,17 @@ recipe's settings (nested ones included) and every component argument that decla
 values just outside each, and each is refused with exit status 2, one line naming the key, and
 nothing written."""
 
+import runpy
 from dataclasses import fields
 
 import pytest
 from omegaconf import OmegaConf
 
 from kdtune.config import validate
-from kdtune.config.builtins import RECIPES, find_config, recipe_settings
+from kdtune.config.builtins import RECIPES, find_config, find_recipe, recipe_settings
 from kdtune.config.registry import COMPONENTS
 from kdtune.config.instantiate import resolve_component
+from kdtune.config.settings import RECIPE_SETTINGS
 from kdtune.errors import KDTuneError
 from tests.recipes.test_bad_input import run_in_process
 
@@ -39,6 +41,12 @@ def walk(cls, prefix=""):
 
 CASES = [(recipe, key, value) for recipe in RECIPES for key, check in walk(recipe_settings(recipe))
          for value in check.outside]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_settings_table_is_what_each_recipe_reads(recipe):
+    main = runpy.run_path(str(find_recipe(recipe)), run_name="kdtune_recipe")["main"]
+    assert main.settings is RECIPE_SETTINGS[recipe]
 
 
 def test_the_walk_covers_every_recipe_and_every_kind_of_range():

@@ -45,6 +45,15 @@ def test_the_sampled_estimator_moves_the_student_towards_the_teacher(world, chat
     assert after < 0.95 * before  # measured: 1.288 -> 1.166 (the full reverse-KL divergence: 1.095)
 
 
+def test_teacher_written_completions_keep_the_divergence(world, chats, tmp_path):
+    """seq_kd: the teacher writes the completions; the sampled estimator (whose weights assume the
+    student sampled) is for the student's own, so these steps train exactly as without it."""
+    args = ("lmbda=0.0", "seq_kd=true", "max_steps_per_epoch=3")
+    plain = run_gkd(world, chats, tmp_path / "plain", *args)
+    sampled = run_gkd(world, chats, tmp_path / "sampled", *args, "on_policy_loss=sampled_reverse_kl")
+    assert [m["loss"] for m in sampled] == [m["loss"] for m in plain]
+
+
 def test_lmbda_follows_its_schedule(world, chats, tmp_path):
     metrics = run_gkd(world, chats, tmp_path / "schedule", "lmbda=0.0", "lmbda_end=1.0", "max_steps_per_epoch=5")
     assert [m["lmbda"] for m in metrics] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -57,3 +66,18 @@ def test_a_sampler_the_weights_do_not_model_is_refused(world, chats, tmp_path, s
     proc = run_kdtune("run", RECIPE, "--config", CONFIG, *gkd_overrides(world, chats, out), *SAMPLED, sampler)
     assert_user_error(proc, "generation: on_policy_loss=sampled_reverse_kl needs plain sampling")
     assert not out.exists()
+
+
+def test_a_run_begun_before_a_setting_existed_resumes_at_its_default(world, chats, tmp_path):
+    """A run whose config.yaml predates lmbda_end and on_policy_loss had their defaults: its resume
+    with today's config (which spells the defaults out) is not a change of what defines the run."""
+    out = tmp_path / "older"
+    run_gkd(world, chats, out, "max_steps_per_epoch=2")
+    recorded = out / "config.yaml"
+    lines = recorded.read_text().splitlines()
+    recorded.write_text("\n".join(line for line in lines if not line.startswith(("lmbda_end:", "on_policy_loss:"))))
+    metrics = run_gkd(world, chats, out, "max_steps_per_epoch=2", "epochs=2", "resume_from_checkpoint=true")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    refused = run_kdtune("run", RECIPE, "--config", CONFIG, *gkd_overrides(world, chats, out), "max_steps_per_epoch=2",
+                         "epochs=3", "resume_from_checkpoint=true", "on_policy_loss=sampled_reverse_kl")
+    assert_user_error(refused, "on_policy_loss was")  # another value than the default is still a change

@@ -146,7 +146,7 @@ CASES = [
      "teacher_vocab_check: the teacher"),
     ("gkd_teacher_larger_without_tokenizer", "gkd", ["dataset.data_files={chats}",
                                                      "teacher_checkpointer.checkpoint_dir={padded_teacher}"],
-     "has 1,344 embedding rows and the student 320"),
+     "has 1,344 embedding rows and the student's side 320"),
     ("cache_teacher_larger_without_tokenizer", "cache", ["teacher_checkpointer.checkpoint_dir={padded_teacher}"],
      "set teacher_vocab_check: padding"),
     ("teacher_too_large", "kd", ["teacher_checkpointer.checkpoint_dir={huge_teacher}"],

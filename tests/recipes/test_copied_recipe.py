@@ -140,7 +140,7 @@ def test_resume_with_another_recipe_file_is_refused(world, copied, tmp_path):
     lora_plus = edited_recipe("lora_plus", tmp_path)
     assert_user_error(run_kdtune("run", lora_plus, "--config", LORA, *resume, "resume_allow_changes=[recipe]",
                                  env=ENV),
-                      "holds a 'optimizer' that does not fit this run's", "resume with the recipe that made it")
+                      "holds a 'optimizer' that does not fit this run's", "the recipe's parameter groups")
     assert not (out / "epoch_2").exists()
     again = run_kdtune("run", copied, "--config", LORA, *resume, env=ENV)  # the same file resumes
     assert again.returncode == 0, again.stderr[-3000:]
