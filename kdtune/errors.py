@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 
 
 class KDTuneError(Exception):
@@ -26,6 +27,9 @@ class RunStopped(BaseException):
 
 def debug_enabled() -> bool:
     return os.environ.get("KDTUNE_DEBUG", "") not in ("", "0")
+
+
+OTHER_RANKS_WAIT_S = 5.0  # how long a rank other than 0 waits after a user error before exiting
 
 
 def is_main_process() -> bool:
@@ -66,6 +70,8 @@ def user_errors(debug: bool = False):
             raise
         if is_main_process():
             print(f"kdtune: error: {e}", file=sys.stderr, flush=True)
+        else:  # torchrun reports the process that exits first and stops the rest: let rank 0 say it
+            time.sleep(OTHER_RANKS_WAIT_S)
         sys.exit(2)
     except RunStopped as e:
         if is_main_process():
