@@ -71,6 +71,8 @@ def user_errors(debug: bool = False):
         if is_main_process():
             print(f"kdtune: error: {e}", file=sys.stderr, flush=True)
         else:  # torchrun reports the process that exits first and stops the rest: let rank 0 say it
+            for signum in (signal.SIGINT, signal.SIGTERM):  # and be stopped quietly meanwhile
+                signal.signal(signum, signal.SIG_DFL)
             time.sleep(OTHER_RANKS_WAIT_S)
         sys.exit(2)
     except RunStopped as e:
