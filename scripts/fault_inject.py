@@ -29,26 +29,28 @@ def arm(point: str, nth: int) -> None:
         if hits == nth and os.environ.get("RANK", "0") == "0":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    if point == "checkpoint":
+    def kill_around(module, name: str, *, before: bool) -> None:
+        """Replace ``module.name`` by a call that counts a hit before (or after) the original."""
+        original = getattr(module, name)
+
+        def armed(*args, **kwargs):
+            if before:
+                hit()
+            out = original(*args, **kwargs)
+            if not before:
+                hit()
+            return out
+
+        setattr(module, name, armed)
+
+    if point == "checkpoint":  # the weights are written into the temporary folder, not yet renamed
         from kdtune.checkpointing import hf_checkpointer
 
-        write_weights = hf_checkpointer.write_weights
-
-        def weights_then_kill(*args, **kwargs):
-            write_weights(*args, **kwargs)
-            hit()
-
-        hf_checkpointer.write_weights = weights_then_kill
-    elif point == "shard":
+        kill_around(hf_checkpointer, "write_weights", before=False)
+    elif point == "shard":  # the shard is written to its temporary file, not yet renamed
         from kdtune.offline import shards
 
-        save_file = shards.save_file
-
-        def shard_then_kill(*args, **kwargs):
-            save_file(*args, **kwargs)
-            hit()
-
-        shards.save_file = shard_then_kill
+        kill_around(shards, "save_file", before=False)
     elif point == "validation":
         from kdtune import training
 
@@ -68,13 +70,7 @@ def arm(point: str, nth: int) -> None:
     elif point == "generation":
         from kdtune.training import on_policy
 
-        generate = on_policy.generate
-
-        def kill_then_generate(*args, **kwargs):
-            hit()
-            return generate(*args, **kwargs)
-
-        on_policy.generate = kill_then_generate
+        kill_around(on_policy, "generate", before=True)
     else:
         raise SystemExit(f"fault_inject: unknown point '{point}'")
 

@@ -23,10 +23,9 @@ def run_gkd(world, chats, out, *extra):
     return read_metrics(out / "metrics.jsonl")
 
 
-def divergences(student_dir, teacher, tok, prompts) -> tuple[float, float]:
-    """Mean generalized JSD (beta 0.5) and forward KL(teacher || student) of the next-token
-    distributions over the student's own greedy completions of ``prompts``, written out here from
-    their definitions."""
+def greedy_log_probs(student_dir, teacher, tok, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's float64 next-token log-probabilities over the student's own
+    greedy completions of ``prompts`` (completion positions only)."""
     student = kdtune.load_model(student_dir)
     out = generate(student, prompts, max_new_tokens=8, stop_ids=tok.eos_ids, pad_id=tok.pad_id,
                    vocab_size=tok.vocab_size)
@@ -35,6 +34,13 @@ def divergences(student_dir, teacher, tok, prompts) -> tuple[float, float]:
     with torch.no_grad():
         log_q = student(batch["tokens"])[scored][:, : tok.vocab_size].double().log_softmax(-1)
         log_p = teacher(batch["tokens"])[scored][:, : tok.vocab_size].double().log_softmax(-1)
+    return log_q, log_p
+
+
+def divergences(student_dir, teacher, tok, prompts) -> tuple[float, float]:
+    """Mean generalized JSD (beta 0.5) and forward KL(teacher || student) over the student's greedy
+    completions of ``prompts``, written out here from their definitions."""
+    log_q, log_p = greedy_log_probs(student_dir, teacher, tok, prompts)
     p, q = log_p.exp(), log_q.exp()
     log_m = (0.5 * p + 0.5 * q).log()
     jsd = 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)

@@ -3,30 +3,20 @@ teacher in reverse KL on held-out prompts (measured here from the definition), l
 refuses a sampler its importance weights do not model; and lmbda follows its schedule."""
 
 import pytest
-import torch
 
 import kdtune
-from kdtune.datasets import IGNORE_INDEX, prompt_dataset
-from kdtune.generation import generate
-from kdtune.training.on_policy import completion_batch
+from kdtune.datasets import prompt_dataset
 from tests.cli_utils import assert_user_error, run_kdtune
 from tests.on_policy.conftest import gkd_overrides
-from tests.on_policy.test_recipe import CONFIG, RECIPE, run_gkd
+from tests.on_policy.test_recipe import CONFIG, RECIPE, greedy_log_probs, run_gkd
 
 SAMPLED = ("on_policy_loss=sampled_reverse_kl", "lmbda=1.0", "generation.temperature=1.0")
 
 
 def reverse_kl(student_dir, teacher, tok, prompts) -> float:
-    """Mean KL(student || teacher) of the next-token distributions over the student's own greedy
-    completions of ``prompts``, in float64 from its definition."""
-    student = kdtune.load_model(student_dir)
-    out = generate(student, prompts, max_new_tokens=8, stop_ids=tok.eos_ids, pad_id=tok.pad_id,
-                   vocab_size=tok.vocab_size)
-    batch = completion_batch(prompts, out.completions, stop_ids=tok.eos_ids, pad_id=tok.pad_id)
-    scored = batch["labels"] != IGNORE_INDEX
-    with torch.no_grad():
-        log_q = student(batch["tokens"])[scored][:, : tok.vocab_size].double().log_softmax(-1)
-        log_p = teacher(batch["tokens"])[scored][:, : tok.vocab_size].double().log_softmax(-1)
+    """Mean KL(student || teacher) over the student's greedy completions of ``prompts``, in float64
+    from its definition."""
+    log_q, log_p = greedy_log_probs(student_dir, teacher, tok, prompts)
     return (log_q.exp() * (log_q - log_p)).sum(-1).mean().item()
 
 
