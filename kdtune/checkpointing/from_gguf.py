@@ -7,8 +7,10 @@ The ``gguf`` package reads the file and dequantizes its tensors; ``tokenizers`` 
 ``generation_config.json``: any kdtune recipe, and transformers, can use it.
 
 llama.cpp stores a Llama model's query and key projections with the rows of each head reordered for
-its rotary embedding (pairs interleaved); converting back undoes that reordering. Qwen2 and Qwen3
-are stored as Hugging Face has them.
+its rotary embedding (pairs interleaved), and Gemma's norm weights with the 1 of its ``(1 + weight)``
+added; converting back undoes both. Attention choices llama.cpp fixes per architecture rather than
+storing (Gemma's attention scale 1/sqrt(head_dim), Gemma 3's local RoPE base 10,000 and its
+one-global-in-six layer pattern) are written into ``config.json`` as llama.cpp runs them.
 """
 
 from __future__ import annotations
@@ -20,24 +22,16 @@ import numpy as np
 import torch
 
 from kdtune.checkpointing.atomic import atomic_directory
+from kdtune.checkpointing.gguf_names import HF_MODEL, hf_name, llama_unpermute
 from kdtune.checkpointing.hf_format import CONFIG, dtype_name, write_weights
 from kdtune.errors import KDTuneError
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# GGUF tensor name parts -> Hugging Face module names (blk.N.<part> -> model.layers.N.<module>).
-_LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-_TOP_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
 # The pre-tokenizer regexes of llama.cpp's pre-tokenizer types (tokenizer.ggml.pre), as the
 # families' own tokenizer.json files split text before byte-level BPE.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _PRE_TOKENIZERS = {
-    "gpt2": ("byte_level", None),
+    "gpt-2": ("byte_level", None),
+    "gpt2": ("byte_level", None),  # an older spelling
     "smollm": ("digits", None),  # every digit alone, then GPT-2's split
     "qwen2": ("split", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                        r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
@@ -80,21 +74,35 @@ class _Meta:
 
 
 def _hf_config(meta: _Meta, arch: str, tensors: dict, vocab_size: int) -> dict:
+    model_type, architecture = HF_MODEL[arch]
     hidden, heads = meta.need(f"{arch}.embedding_length"), meta.need(f"{arch}.attention.head_count")
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
     config = {
-        "architectures": [ARCHITECTURES[arch]], "model_type": arch, "hidden_size": hidden,
+        "architectures": [architecture], "model_type": model_type, "hidden_size": hidden,
         "intermediate_size": meta.need(f"{arch}.feed_forward_length"),
         "num_hidden_layers": meta.need(f"{arch}.block_count"), "num_attention_heads": heads,
-        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
-        "head_dim": meta.get(f"{arch}.attention.key_length", hidden // heads),
+        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads), "head_dim": head_dim,
         # GGUF stores it as float32: its shortest decimal (1e-05, not 9.99999974e-06) is the original
-        "rms_norm_eps": float(str(np.float32(meta.need(f"{arch}.attention.layer_norm_rms_epsilon")))),
+        "rms_norm_eps": _float32(meta.need(f"{arch}.attention.layer_norm_rms_epsilon")),
         "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": meta.get(f"{arch}.context_length", 2048), "vocab_size": vocab_size,
         "hidden_act": "silu", "tie_word_embeddings": "output.weight" not in tensors,
     }
-    if arch != "qwen2":  # Qwen2 always has q/k/v bias; Llama and Qwen3 say so
+    if arch in ("llama", "qwen3"):  # Qwen2 always has q/k/v bias; Phi-3 and Gemma none
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        config["mlp_bias"] = "blk.0.ffn_down.bias" in tensors
+    if arch in ("gemma2", "gemma3"):
+        window = meta.get(f"{arch}.attention.sliding_window")
+        config.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=head_dim,
+                      sliding_window=None if window is None else int(window))
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cap = meta.get(f"{arch}.{key}")
+            config[key] = None if cap is None else _float32(cap)
+        if arch == "gemma3":
+            config.update(rope_local_base_freq=10000.0, sliding_window_pattern=6)
+    scaling = _rope_scaling(meta, arch, tensors)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
     for key in ("bos", "eos", "padding"):
         token = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token is not None:
@@ -102,20 +110,28 @@ def _hf_config(meta: _Meta, arch: str, tensors: dict, vocab_size: int) -> dict:
     return config
 
 
-def _hf_name(name: str) -> str | None:
-    if name in _TOP_TENSORS:
-        return _TOP_TENSORS[name]
-    parts = name.split(".")  # blk.N.part.weight|bias
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{parts[3]}"
-    return None
+def _float32(value) -> float:
+    """GGUF keeps floats in float32: the shortest decimal of that (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
 
 
-def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's rotary reordering of a Llama q/k projection: within each head it stores the
-    rows as pairs (first half, second half) interleaved; Hugging Face keeps the halves apart."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+def _rope_scaling(meta: _Meta, arch: str, tensors: dict) -> dict | None:
+    """Linear scaling from the metadata; Llama 3's from the ``rope_freqs`` tensor, whose parameters
+    kdtune's writer also records (``kdtune.rope_scaling``): llama.cpp keeps only the per-frequency
+    factors, which do not give the four parameters back."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in tensors:
+        recorded = meta.get("kdtune.rope_scaling")
+        if kind in (None, "none") and recorded:
+            return json.loads(recorded)
+        raise KDTuneError(f"{meta.path}: rope scaling by per-frequency factors (rope_freqs.weight) is only read "
+                          f"back from files kdtune wrote; convert the original Hugging Face checkpoint instead")
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _float32(meta.need(f"{arch}.rope.scaling.factor"))}
+    raise KDTuneError(f"{meta.path}: rope scaling ({kind}) is not supported by kdtune convert; convert the "
+                      f"original Hugging Face checkpoint instead")
 
 
 def _tokenizer_files(meta: _Meta) -> tuple[dict, dict]:
@@ -180,15 +196,11 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
     reader = _open(path)
     meta = _Meta(reader, path)
     arch = meta.need("general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in HF_MODEL:
         raise KDTuneError(f"{path}: architecture '{arch}' is not supported by kdtune (supported: "
-                          f"{', '.join(ARCHITECTURES)})")
+                          f"{', '.join(HF_MODEL)})")
     tensors = {t.name: t for t in reader.tensors}
-    scaling = meta.get(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none") or "rope_freqs.weight" in tensors:
-        raise KDTuneError(f"{path}: rope scaling ({scaling or 'rope_freqs.weight'}) is not supported by kdtune "
-                          f"convert; convert the original Hugging Face checkpoint instead")
-    unknown = sorted(name for name in tensors if _hf_name(name) is None)
+    unknown = sorted(name for name in tensors if hf_name(name, arch) is None and name != "rope_freqs.weight")
     if unknown:
         raise KDTuneError(f"{path}: tensor '{unknown[0]}' has no Hugging Face counterpart for {arch}")
     tokenizer, tokenizer_config = _tokenizer_files(meta)
@@ -197,8 +209,8 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
     config["torch_dtype"] = dtype_name(dtype)
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
-    def tensor(hf_name: str) -> torch.Tensor:
-        t = by_hf[hf_name]
+    def tensor(name: str) -> torch.Tensor:
+        t = by_hf[name]
         try:
             array = quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -206,10 +218,12 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
                               f"cannot dequantize") from None
         array = np.array(array, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])  # a writable copy
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            array = _unpermute(array, heads if ".attn_q." in t.name else kv_heads)
+            array = llama_unpermute(array, heads if ".attn_q." in t.name else kv_heads)
+        if arch in ("gemma2", "gemma3") and t.name.endswith("norm.weight"):
+            array = array - 1.0  # llama.cpp stores Gemma's (1 + weight)
         return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
 
-    by_hf = {_hf_name(name): t for name, t in tensors.items() if _hf_name(name)}
+    by_hf = {hf_name(name, arch): t for name, t in tensors.items() if hf_name(name, arch)}
     element = torch.empty((), dtype=dtype).element_size()
     sizes = {name: int(t.n_elements) * element for name, t in by_hf.items()}
     with atomic_directory(out_dir) as tmp:

@@ -100,18 +100,30 @@ def cmd_download(args) -> None:
     print(f"Downloaded {args.repo_id} to {path}")
 
 
+def _need_gguf(what: str) -> None:
+    try:
+        import gguf  # noqa: F401  (the reader and writer the conversions use)
+    except ImportError:
+        raise KDTuneError(f"convert {what} needs the gguf package: pip install 'kdtune[gguf]'") from None
+
+
 def cmd_convert(args) -> None:
     import torch
 
-    try:
-        import gguf  # noqa: F401  (the reader the conversion uses)
-    except ImportError:
-        raise KDTuneError("convert gguf needs the gguf package: pip install 'kdtune[gguf]'") from None
+    _need_gguf("gguf")
     from kdtune.checkpointing.from_gguf import convert_gguf
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     out = convert_gguf(Path(args.file), Path(args.out_dir), dtype=dtype)
     print(f"Converted {args.file} to {out} ({args.dtype})")
+
+
+def cmd_to_gguf(args) -> None:
+    _need_gguf("to-gguf")
+    from kdtune.checkpointing.to_gguf import export_gguf
+
+    out = export_gguf(Path(args.checkpoint_dir), Path(args.out), qtype=args.type)
+    print(f"Wrote {out} ({args.type}, {out.stat().st_size / 2**20:,.1f} MiB)")
 
 
 def cmd_plot(args) -> None:
@@ -154,13 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-patterns", nargs="*", default=None, help="glob patterns of files to skip")
     p.set_defaults(fn=cmd_download)
 
-    p = sub.add_parser("convert", help="convert a checkpoint of another format into a Hugging Face folder")
+    p = sub.add_parser("convert", help="convert a checkpoint between Hugging Face folders and GGUF files")
     formats = p.add_subparsers(dest="format", required=True, parser_class=_Parser)
-    g = formats.add_parser("gguf", help="a GGUF file (llama.cpp, Ollama): Llama, Qwen2, Qwen3")
+    g = formats.add_parser("gguf", help="a GGUF file (llama.cpp, Ollama) into a Hugging Face folder")
     g.add_argument("file", help="the .gguf file")
     g.add_argument("out_dir", help="the Hugging Face folder to write (a new one)")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the dequantized weights' dtype")
     g.set_defaults(fn=cmd_convert)
+    g = formats.add_parser("to-gguf", help="a Hugging Face folder (a run's step_N too) into a GGUF file")
+    g.add_argument("checkpoint_dir", help="the Hugging Face checkpoint folder")
+    g.add_argument("out", help="the .gguf file to write (a new one)")
+    g.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="the weights' type in the file (1-D tensors stay f32)")
+    g.set_defaults(fn=cmd_to_gguf)
 
     p = sub.add_parser("plot", help="draw the loss curves of a run into a PNG")
     p.add_argument("output_dir")
