@@ -203,6 +203,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
     unknown = sorted(name for name in tensors if hf_name(name, arch) is None and name != "rope_freqs.weight")
     if unknown:
         raise KDTuneError(f"{path}: tensor '{unknown[0]}' has no Hugging Face counterpart for {arch}")
+    _rope_scaling(meta, arch, tensors)  # what cannot be read back is refused before anything else
     tokenizer, tokenizer_config = _tokenizer_files(meta)
     vocab_size = int(tensors["token_embd.weight"].shape[-1])
     config = _hf_config(meta, arch, tensors, vocab_size)

@@ -182,11 +182,14 @@ def _pre_tokenizer(fields: dict, original, path: Path) -> str:
 
     from kdtune.checkpointing.from_gguf import _tokenizer_files
 
-    expected = [original.encode(text, add_special_tokens=False).ids for text in PROBES]
+    def behaviour(tokenizer):  # how it splits each probe, and the ids it gives
+        return [(tokenizer.pre_tokenizer.pre_tokenize_str(text), tokenizer.encode(text, add_special_tokens=False).ids)
+                for text in PROBES]
+
+    expected = behaviour(original)
     for name in _PRE_CANDIDATES:
         spec, _ = _tokenizer_files(_Fields({**fields, "tokenizer.ggml.pre": name}, path))
-        rebuilt = Tokenizer.from_str(json.dumps(spec))
-        if [rebuilt.encode(text, add_special_tokens=False).ids for text in PROBES] == expected:
+        if behaviour(Tokenizer.from_str(json.dumps(spec))) == expected:
             return name
     raise KDTuneError(f"{path}: its pre-tokenizer splits text unlike any llama.cpp pre-tokenizer kdtune knows "
                       f"({', '.join(_PRE_CANDIDATES)}); no GGUF file was written")

@@ -149,14 +149,14 @@ def test_the_qwen2_pre_tokenizer_equals_qwen25s_tokenizer_json(tmp_path):
 
 def test_what_convert_cannot_do_is_one_line(tmp_path):
     reader_path = tmp_path / "scaled.gguf"
-    writer = gguf.GGUFWriter(str(reader_path), "llama")  # a Llama with linear rope scaling
-    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer = gguf.GGUFWriter(str(reader_path), "llama")  # a Llama with YaRN rope scaling
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     writer.add_block_count(1)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    for bad, fragment in ((reader_path, "rope scaling (linear)"),):
+    for bad, fragment in ((reader_path, "rope scaling (yarn)"),):
         assert_user_error(run_kdtune("convert", "gguf", bad, tmp_path / "out"), fragment)
     other = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
     other.write_header_to_file()

@@ -80,10 +80,10 @@ CONFIGS = {
 }
 
 
-def make_checkpoint(name: str, out_dir: Path, *, max_shard_size=None, seed: int = 0) -> Path:
-    """A random checkpoint of ``CONFIGS[name]`` whose norm weights are random too (not all ones),
-    so a norm whose weight is ignored cannot go unnoticed."""
-    write_random_checkpoint(CONFIGS[name], out_dir, seed=seed, max_shard_size=max_shard_size)
+def make_checkpoint(name: str, out_dir: Path, *, max_shard_size=None, seed: int = 0, **changes) -> Path:
+    """A random checkpoint of ``CONFIGS[name]`` (with ``changes``) whose norm weights are random too
+    (not all ones), so a norm whose weight is ignored cannot go unnoticed."""
+    write_random_checkpoint(dict(CONFIGS[name], **changes), out_dir, seed=seed, max_shard_size=max_shard_size)
     gen = torch.Generator().manual_seed(seed + 1)
     for path in weight_files(out_dir):
         tensors = {k: t.clone() for k, t in load_file(path).items()}  # no views of the file we rewrite
