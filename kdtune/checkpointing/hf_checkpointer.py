@@ -22,6 +22,7 @@ from kdtune.checkpointing.hf_format import (
     with_dtype,
     write_weights,
 )
+from kdtune.checkpointing.model_card import write_model_card
 from kdtune.checkpointing.recipe_state import save_recipe_state
 from kdtune.errors import KDTuneError
 from kdtune.models.args import ModelArgs
@@ -115,15 +116,17 @@ class HFCheckpointer:
             raise ValueError("pass exactly one of step= or epoch=")
         final = self.output_dir / (f"step_{step}" if step is not None else f"epoch_{epoch}")
         return write_checkpoint(final, self.config, state_dict, source_dir=self.checkpoint_dir,
-                                max_shard_size=self.max_shard_size, recipe_state=recipe_state, write_extra=write_extra)
+                                max_shard_size=self.max_shard_size, recipe_state=recipe_state, write_extra=write_extra,
+                                run_dir=self.output_dir)
 
 
 def write_checkpoint(final: Path, config: dict, state_dict: dict[str, torch.Tensor], *, source_dir: Path,
                      max_shard_size: int | str = "5GB", recipe_state: dict | None = None,
-                     write_extra: Callable[[Path], None] | None = None) -> Path:
+                     write_extra: Callable[[Path], None] | None = None, run_dir: Path | None = None) -> Path:
     """Write the folder ``final`` atomically: ``config`` (``torch_dtype`` set to the weights'),
     the native ``state_dict`` under HF names in shards of at most ``max_shard_size``, the tokenizer
-    and generation-config files of ``source_dir``, ``recipe_state.pt`` when given, and whatever
+    and generation-config files of ``source_dir``, a model card (``README.md``, from the records of
+    the run in ``run_dir`` when given), ``recipe_state.pt`` when given, and whatever
     ``write_extra(folder)`` adds. An existing folder of that name is an error, never overwritten."""
     floats = [t.dtype for t in state_dict.values() if t.is_floating_point()]
     sizes = {to_hf(name): t.numel() * t.element_size() for name, t in state_dict.items()}
@@ -135,6 +138,7 @@ def write_checkpoint(final: Path, config: dict, state_dict: dict[str, torch.Tens
         for file in TOKENIZER_FILES:
             if (Path(source_dir) / file).is_file():
                 shutil.copy2(Path(source_dir) / file, tmp / file)
+        write_model_card(tmp, final_name=final.name, run_dir=run_dir, source_dir=Path(source_dir), source_config=config)
         if recipe_state is not None:
             save_recipe_state(tmp, recipe_state)
         if write_extra is not None:

@@ -69,6 +69,14 @@ def test_validation_losses_equal_their_definitions_on_the_step_checkpoint(world,
     assert logged[2]["val_kd_loss"] == pytest.approx(logged[2]["val_kl"], rel=1e-6)
     assert logged[2]["val_loss"] == pytest.approx(0.5 * want["val_ce_loss"] + 0.5 * want["val_kl"], rel=1e-4)
     assert logged[4]["val_kl"] < logged[2]["val_kl"]
+    # the step's model card says how it was made, from the run's records up to that step
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "step_2" / "README.md")
+    assert "distillation" in card.data.tags and card.data.base_model == str(world["student"].resolve())
+    assert "Recipe: `knowledge_distillation_single_device`" in card.text
+    assert f"Teacher: `{world['teacher']}`" in card.text and "kd_ratio=0.5" in card.text
+    assert f"val_kl={logged[2]['val_kl']:.4f}" in card.text and "Steps: 2 " in card.text
 
 
 def test_supervised_validation_is_the_held_out_cross_entropy(world, held_out, tmp_path):
