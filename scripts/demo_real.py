@@ -9,10 +9,12 @@ file, the prompts are written by kdtune):
 3. prune the teacher to half its layers (``prune``, Block Influence on the training chats);
 4. from the same pruned start, train for the same steps by SFT on the teacher's answers, by KD
    (``knowledge_distillation_single_device``, forward KL) and by on-policy GKD;
-5. score every model on the held-out chats: KL to the teacher and cross-entropy on the teacher's
+5. ship the KD student as llama.cpp and Ollama run it: a q8_0 GGUF file (``kdtune convert to-gguf``),
+   read back (``kdtune convert gguf``) to be scored beside the unquantized student;
+6. score every model on the held-out chats: KL to the teacher and cross-entropy on the teacher's
    replies (per token), and agreement with the teacher's greedy answers through ``eleuther_eval``
    (exact match and chrF of the generated answer against the teacher's);
-6. print the table, write ``demo_real_output/summary.json`` and ``demo_real_output/demo_real.png``.
+7. print the table, write ``demo_real_output/summary.json`` and ``demo_real_output/demo_real.png``.
 """
 
 import argparse
@@ -157,9 +159,15 @@ def main() -> None:
     wait(train("SFT", 1), train("KD", 1))  # side by side, a core each
     wait(train("GKD", 2))
 
-    print("5. score every model on the held-out chats", flush=True)
+    print("5. the KD student as a q8_0 GGUF file, read back to be scored", flush=True)
+    shipped = OUT / "gguf" / "SmolLM2-pruned-KD.q8_0.gguf"
+    shipped.parent.mkdir(parents=True)
+    wait(run("convert", "to-gguf", OUT / "runs" / "KD" / "epoch_1", shipped, "--type", "q8_0", log="to_gguf"))
+    wait(run("convert", "gguf", shipped, OUT / "models" / "KD-q8_0", "--dtype", "fp32", log="from_gguf"))
+
+    print("6. score every model on the held-out chats", flush=True)
     models = {"teacher": teacher_dir, "pruned": student_dir,
-              **{name: OUT / "runs" / name / "epoch_1" for name in STUDENTS}}
+              **{name: OUT / "runs" / name / "epoch_1" for name in STUDENTS}, "KD-q8_0": OUT / "models" / "KD-q8_0"}
     task = agreement_task(chats["test"])
     names = list(models)
     for pair in (names[i: i + 2] for i in range(0, len(names), 2)):
@@ -175,12 +183,13 @@ def main() -> None:
                         "agreement_exact_match": 100 * result["exact_match,none"],
                         "agreement_chrf": result["chrf,none"]}
 
-    print("6. summary", flush=True)
+    print("7. summary", flush=True)
     parameters = {n: sum(p.numel() for p in kdtune.load_model(f).parameters()) for n, f in models.items()}
     summary = {"models": {n: {"parameters": parameters[n], **{k: round(v, 4) for k, v in scores[n].items()}}
                           for n in models},
                "steps": STEPS, "batch_size": BATCH, "train_prompts": TRAIN_PROMPTS,
-               "held_out_prompts": HELD_OUT_PROMPTS, "seconds": round(time.time() - began)}
+               "held_out_prompts": HELD_OUT_PROMPTS, "gguf_q8_0_bytes": shipped.stat().st_size,
+               "seconds": round(time.time() - began)}
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     draw(models, scores, OUT / "demo_real.png")
     print(f"\n{'model':<9} {'params':>8} {'KL to teacher':>14} {'CE on replies':>14} {'exact match':>12} {'chrF':>6}")

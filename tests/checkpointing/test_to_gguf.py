@@ -51,14 +51,6 @@ TRANSFORMERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from kdtune.tokenization.build import train_chatml_tokenizer
-
-    texts = [f"What is {i} + {i * 3}? It is {i * 4}. Hello world, how are you today?" for i in range(200)]
-    return train_chatml_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=400)
-
-
 def checkpoint(family, folder, tokenizer_dir, **changes):
     make_checkpoint(family, folder, vocab_size=ROWS, **changes)
     for f in tokenizer_dir.iterdir():
