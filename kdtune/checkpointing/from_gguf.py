@@ -218,7 +218,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
             raise KDTuneError(f"{path}: {t.name} is quantized as {t.tensor_type.name}, which the gguf package "
                               f"cannot dequantize") from None
         array = np.array(array, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])  # a writable copy
-        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             array = llama_unpermute(array, heads if ".attn_q." in t.name else kv_heads)
         if arch in ("gemma2", "gemma3") and t.name.endswith("norm.weight"):
             array = array - 1.0  # llama.cpp stores Gemma's (1 + weight)

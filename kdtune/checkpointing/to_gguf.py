@@ -277,7 +277,7 @@ def _write_tensors(writer, folder: Path, args: ModelArgs, arch: str, qtype: str)
         if name is None:
             raise KDTuneError(f"{folder}: tensor {hf!r} has no place in llama.cpp's {arch} layout")
         array = tensor.float().numpy()
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             array = llama_permute(array, args.num_heads if ".attn_q." in name else args.num_kv_heads)
         if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             array = array + 1.0  # llama.cpp's Gemma norms scale by the stored weight itself

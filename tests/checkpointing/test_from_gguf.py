@@ -71,7 +71,7 @@ def write_gguf(folder, tokenizer_dir, path, *, pre: str, quantize=("ffn_up",)) -
     for hf_name, tensor in iter_tensors(folder):
         array = tensor.float().numpy()
         name = gguf_name(hf_name)
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             array = llama_cpp_permute(array, heads if "attn_q" in name else kv)
         if any(f".{q}." in name for q in quantize) and array.shape[-1] % 32 == 0:
             writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),

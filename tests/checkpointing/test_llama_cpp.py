@@ -1,7 +1,7 @@
 """llama.cpp itself loads what `kdtune convert to-gguf` writes and runs it as kdtune does: the same
 token ids for the same text (the pre-tokenizer name is right), logits within float32 kernel
 differences, the same greedy tokens; for the real SmolLM2-135M-Instruct and a tiny model of each
-family. llama-cpp-python builds llama.cpp from source (about 25 minutes on 2 cores), so these tests
+family. llama-cpp-python builds llama.cpp from source (about 8 minutes on 2 cores), so these tests
 run under `make test-llama-cpp`, which installs it; `make test` skips them."""
 
 import shutil
@@ -18,7 +18,11 @@ pytestmark = pytest.mark.llama_cpp
 
 
 def llama(path, n_ctx=256):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=1, seed=0)
+    # a float32 KV cache (type 0) and plain attention, so that llama.cpp keeps the precision kdtune
+    # computes in (its default float16 cache moves SmolLM2's logits by up to 0.05; its flash-attention
+    # kernel with a float32 cache crashed on this CPU)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=1, seed=0,
+                           type_k=0, type_v=0, flash_attn=False)
 
 
 def llama_cpp_logits(model, ids: list[int]) -> torch.Tensor:
@@ -53,7 +57,9 @@ def test_llama_cpp_runs_each_family_as_kdtune_does(family, tokenizer_dir, tmp_pa
     ids = torch.randint(0, 400, (24,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         expected = ours(torch.tensor([ids]))[0]
-    torch.testing.assert_close(llama_cpp_logits(model, ids), expected, atol=2e-3, rtol=2e-3)
+    # ggml computes Gemma's GELU through a float16 table: a few 1e-3 apart there
+    tol = 1e-2 if family.startswith("gemma") else 2e-3
+    torch.testing.assert_close(llama_cpp_logits(model, ids), expected, atol=tol, rtol=tol)
     assert greedy_ids(model, ids[:8], 8) == kdtune_greedy(ours, ids[:8], 8)
     tok = kdtune.load_tokenizer(original)
     for text in TEXTS:
@@ -72,7 +78,7 @@ def test_llama_cpp_runs_the_real_student_as_kdtune_does(tmp_path):
     ours, tok = kdtune.load_model(folder), kdtune.load_tokenizer(folder)
     chat = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     prompt = tok.apply_chat_template(chat, add_generation_prompt=True)
-    for qtype, atol in (("f32", 5e-3), ("q8_0", None)):
+    for qtype, atol in (("f32", 1e-3), ("q8_0", None)):
         path = export_gguf(folder, tmp_path / f"student.{qtype}.gguf", qtype=qtype)
         model = llama(path, n_ctx=512)
         for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>\n"]:
