@@ -38,8 +38,16 @@ from kdtune.checkpointing import write_random_checkpoint
 from kdtune.datasets import arithmetic_rows
 from kdtune.tokenization.build import train_chatml_tokenizer
 
-OUT = Path("demo_output").resolve()
-TASK = dict(max_digits=2, ops="+")
+# Two tasks. addition: one answer. running_sums: three numbers summed left to right, the answer
+# writing both running totals ("What is 47 + 38 + 21?" -> "85, 106"), so a student that slips on the
+# first total carries its own mistake into the second: the case on-policy distillation is made for
+# (the student trains on its own partial answers). The settings below are the same for both, chosen
+# before either was measured.
+TASKS = {"addition": {"rows": dict(max_digits=2, ops="+"), "answer_tokens": 8, "out": "demo_output",
+                      "gkd_margin": -5.0},
+         "running_sums": {"rows": dict(max_digits=2, ops="+", terms=3), "answer_tokens": 12,
+                          "out": "demo_output_running_sums", "gkd_margin": 5.0}}
+OUT = Path(TASKS["addition"]["out"]).resolve()
 SIZES = {  # rows of each data set
     "teacher_pretrain": 20000, "student_pretrain": 1000, "labeled": 400, "unlabeled": 8000, "heldout": 300,
 }
@@ -64,9 +72,10 @@ STUDENT_RUNS = {"sft": ("full_finetune_single_device", "tiny/full_finetune_singl
                 "kd": ("knowledge_distillation_single_device", "tiny/KD_full_single_device", "kd_steps"),
                 "gkd": ("on_policy_distillation_single_device", "tiny/GKD_single_device", "kd_steps")}
 STUDENTS = tuple(f"student_{kind}" for kind in STUDENT_RUNS)
-# The ordering every seed must show: KD beats SFT by the 5 points that count as a win, and GKD is
-# level with KD (a gap under 5 points either way is no win) or ahead.
-KD_MARGIN, GKD_SLACK = 5.0, 5.0
+# The ordering every seed must show: KD beats SFT by the 5 points that count as a win; GKD is, on
+# addition, level with KD (a gap under 5 points either way is no win) or ahead, and on running sums
+# ahead by 5 points (the task's "gkd_margin").
+KD_MARGIN = 5.0
 
 
 def hf_config(layers, hidden, heads, kv_heads) -> dict:
@@ -122,34 +131,35 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def held_out_rows() -> list[dict]:
+def held_out_rows(task: dict) -> list[dict]:
     """SIZES["heldout"] distinct problems of the test split."""
     rows, seen = [], set()
-    for row in arithmetic_rows(20 * SIZES["heldout"], split="test", seed=1, **TASK):
+    for row in arithmetic_rows(20 * SIZES["heldout"], split="test", seed=1, **task["rows"]):
         if row["messages"][0]["content"] not in seen and len(rows) < SIZES["heldout"]:
             seen.add(row["messages"][0]["content"])
             rows.append(row)
     return rows
 
 
-def train_rows(num_rows: int, seed: int, held_out: set) -> list[dict]:
+def train_rows(num_rows: int, seed: int, held_out: set, task: dict) -> list[dict]:
     """``num_rows`` problems of the train split, none of them a held-out question."""
-    rows = [r for r in arithmetic_rows(2 * num_rows, seed=seed, **TASK) if r["messages"][0]["content"] not in held_out]
+    rows = [r for r in arithmetic_rows(2 * num_rows, seed=seed, **task["rows"])
+            if r["messages"][0]["content"] not in held_out]
     return rows[:num_rows]
 
 
-def make_data() -> dict:
+def make_data(task: dict) -> dict:
     data = OUT / "data"
-    heldout = held_out_rows()
+    heldout = held_out_rows(task)
     questions = {r["messages"][0]["content"] for r in heldout}
     files = {
         "teacher_pretrain": write_jsonl(data / "teacher_pretrain.jsonl",
-                                        train_rows(SIZES["teacher_pretrain"], 1, questions)),
+                                        train_rows(SIZES["teacher_pretrain"], 1, questions, task)),
         "student_pretrain": write_jsonl(data / "student_pretrain.jsonl",
-                                        train_rows(SIZES["student_pretrain"], 2, questions)),
-        "labeled": write_jsonl(data / "labeled.jsonl", train_rows(SIZES["labeled"], 3, questions)),
-        "unlabeled": write_jsonl(data / "unlabeled.jsonl",
-                                 [{"messages": r["messages"][:1]} for r in train_rows(SIZES["unlabeled"], 4, questions)]),
+                                        train_rows(SIZES["student_pretrain"], 2, questions, task)),
+        "labeled": write_jsonl(data / "labeled.jsonl", train_rows(SIZES["labeled"], 3, questions, task)),
+        "unlabeled": write_jsonl(data / "unlabeled.jsonl", [{"messages": r["messages"][:1]}
+                                                           for r in train_rows(SIZES["unlabeled"], 4, questions, task)]),
         "heldout_chats": write_jsonl(data / "heldout_chats.jsonl", heldout),
         "heldout": write_jsonl(data / "heldout.jsonl", [
             {"question": r["messages"][0]["content"], "answer": r["messages"][1]["content"]} for r in heldout]),
@@ -164,10 +174,10 @@ def make_data() -> dict:
         "output_type: generate_until\n"
         "doc_to_text: '{{question}}'\n"
         "doc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: []\n  max_gen_toks: 8\n  do_sample: false\n"
+        f"generation_kwargs:\n  until: []\n  max_gen_toks: {task['answer_tokens']}\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n"
     )
-    texts = [m["content"] for r in arithmetic_rows(3000, seed=5, **TASK) for m in r["messages"]]
+    texts = [m["content"] for r in arithmetic_rows(3000, seed=5, **task["rows"]) for m in r["messages"]]
     files["tokenizer"] = train_chatml_tokenizer(texts + ["user assistant system"], data / "tokenizer", vocab_size=300)
     return files
 
@@ -202,11 +212,14 @@ def train(jobs: Jobs, recipe: str, config: str, name: str, checkpoint, data: Pat
 
 
 def train_student(jobs: Jobs, kind: str, name: str, start: Path, teacher: Path, seed: int, settings=None,
-                  after=()) -> str:
-    """One student run of ``kind`` (sft, kd, gkd) from ``start``, with the demo's settings or others."""
+                  after=(), answer_tokens: int = 8) -> str:
+    """One student run of ``kind`` (sft, kd, gkd) from ``start``, with the demo's settings or others;
+    an on-policy student writes answers of up to ``answer_tokens`` tokens."""
     recipe, config, data = STUDENT_RUNS[kind]
     chats = [] if kind == "gkd" else ["dataset=chat"]  # GKD reads the chats' prompts and replies itself
     teacher_args = [] if kind == "sft" else [f"teacher_checkpointer.checkpoint_dir={teacher}"]
+    if kind == "gkd":
+        teacher_args.append(f"generation.max_new_tokens={answer_tokens}")
     return train(jobs, recipe, config, name, start, OUT / "data" / f"{data}.jsonl", *chats, *teacher_args,
                  *(STUDENT_SETTINGS[kind] if settings is None else settings), f"seed={seed}", after=after)
 
@@ -225,13 +238,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: 0 1 2)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per run (default 1: two runs side by side; with more, one at a time)")
+    parser.add_argument("--task", choices=list(TASKS), default="addition",
+                        help="addition (default; into demo_output/) or running_sums (into demo_output_running_sums/)")
     args = parser.parse_args()
+    task = TASKS[args.task]
+    global OUT
+    OUT = Path(task["out"]).resolve()
     shutil.rmtree(OUT, ignore_errors=True)
     began = time.time()
     jobs = Jobs(parallel=2 if args.threads == 1 else 1, threads=args.threads)
 
     print("1. data and tokenizer", flush=True)
-    files = make_data()
+    files = make_data(task)
     teacher_init = init_model("teacher", TEACHER, files["tokenizer"], seed=0)
     chats = ["dataset=chat", f"batch_size={BATCH}"]
     pretrain = [*chats, "optimizer.lr=0.003", "lr_scheduler.num_warmup_steps=20"]
@@ -254,7 +272,8 @@ def main() -> None:
           after=("teacher_pretrain",))
     teacher = run_dir("teacher_lora") / "epoch_1"
     jobs.add("teacher_answers", "run", "generate", "--config", "tiny/generate", f"checkpoint_dir={teacher}",
-             "prompt=null", f"messages_file={files['unlabeled']}", "batch_size=500", "max_new_tokens=8",
+             "prompt=null", f"messages_file={files['unlabeled']}", "batch_size=500",
+             f"max_new_tokens={task['answer_tokens']}",
              f"output_dir={OUT / 'teacher_answers'}", after=("teacher_lora",))
     jobs.run()
 
@@ -266,7 +285,7 @@ def main() -> None:
     for seed in args.seeds:
         for kind in ("kd", "gkd"):
             train_student(jobs, kind, f"student_{kind}_s{seed}", run_dir(f"student_pretrain_s{seed}") / "epoch_1",
-                          teacher, seed)
+                          teacher, seed, answer_tokens=task["answer_tokens"])
     jobs.run()
 
     print("4. every model on the held-out problems: exact match (eleuther_eval) and KL to the teacher", flush=True)
@@ -289,9 +308,9 @@ def main() -> None:
     per_seed = {s: {seed: scores[f"{s}_s{seed}"] for seed in args.seeds} for s in STUDENTS}
     holds = {seed: {"kd_beats_sft_by_5": per_seed["student_kd"][seed]["exact_match"]
                     >= per_seed["student_sft"][seed]["exact_match"] + KD_MARGIN,
-                    "gkd_level_with_kd": per_seed["student_gkd"][seed]["exact_match"]
-                    >= per_seed["student_kd"][seed]["exact_match"] - GKD_SLACK} for seed in args.seeds}
-    summary = {"teacher": scores["teacher"], "seeds": args.seeds, "threads": args.threads,
+                    "gkd_vs_kd": per_seed["student_gkd"][seed]["exact_match"]
+                    >= per_seed["student_kd"][seed]["exact_match"] + task["gkd_margin"]} for seed in args.seeds}
+    summary = {"task": args.task, "teacher": scores["teacher"], "seeds": args.seeds, "threads": args.threads,
                "students": {s: {"per_seed": per_seed[s], **{
                    f"{metric}_{stat}": round(value, 3)
                    for metric in ("exact_match", "kl_to_teacher")
@@ -314,7 +333,7 @@ def main() -> None:
               f"{st['kl_to_teacher_mean']:>18.3f} ± {st['kl_to_teacher_sd']:.3f}   {seeds}")
     for seed, h in holds.items():
         print(f"seed {seed}: KD >= SFT + {KD_MARGIN:g}: {'yes' if h['kd_beats_sft_by_5'] else 'NO'}; "
-              f"GKD >= KD - {GKD_SLACK:g}: {'yes' if h['gkd_level_with_kd'] else 'NO'}")
+              f"GKD >= KD {task['gkd_margin']:+g}: {'yes' if h['gkd_vs_kd'] else 'NO'}")
     print(f"{summary['seconds']} s in all ({args.threads} thread(s) per run); summary: {OUT / 'summary.json'}, "
           f"loss curves: {OUT / 'loss_curves.png'}")
 

@@ -150,6 +150,22 @@ def test_arithmetic_is_deterministic_with_disjoint_splits(tok):
         arithmetic_rows(3, ops="/")
 
 
+
+def test_chained_problems_write_every_running_result():
+    rows = arithmetic_rows(200, seed=5, max_digits=2, ops="+-", terms=4)
+    for row in rows:
+        words = row["messages"][0]["content"].removeprefix("What is ").removesuffix("?").split()
+        total, results = int(words[0]), []
+        for op, number in zip(words[1::2], words[2::2]):  # left to right
+            total = total + int(number) if op == "+" else total - int(number)
+            results.append(str(total))
+        assert row["messages"][1]["content"] == ", ".join(results) and len(results) == 3
+    # two terms are the plain problems, drawn exactly as before terms existed
+    assert arithmetic_rows(50, seed=5, terms=2) == arithmetic_rows(50, seed=5)
+    assert arithmetic_rows(1, seed=0, max_digits=2, ops="+")[0]["messages"][1]["content"] == "46"
+    with pytest.raises(KDTuneError, match="terms"):
+        arithmetic_rows(3, terms=1)
+
 def test_registry_short_names_build_from_a_config(tmp_path):
     from omegaconf import OmegaConf
 
