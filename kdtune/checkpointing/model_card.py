@@ -104,7 +104,8 @@ def _how_it_was_made(run_dir: Path, folder_name: str) -> list[str]:
         validated = [r for r in records if "val_loss" in r]
         if validated:
             v = validated[-1]
-            values = ", ".join(f"{k}={v[k]:.4f}" for k in ("val_loss", "val_ce_loss", "val_kd_loss", "val_kl") if k in v)
+            keys = ("val_loss", "val_ce_loss", "val_kd_loss", "val_kl")
+            values = ", ".join(f"{k}={v[k]:.4f}" for k in keys if k in v)
             lines.append(f"- Last validation (step {v.get('step')}): {values}")
     return lines
 

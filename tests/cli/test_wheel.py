@@ -41,7 +41,8 @@ def test_wheel_lists_and_copies_builtins(tmp_path):
         assert name in proc.stdout
     builtins = {**available_recipes(), **available_configs()}
     assert builtins, "the checkout ships recipes and configs"
-    dests = {name: work / (name.replace("/", "__") + src.suffix) for name, src in builtins.items()}  # families share file names
+    # families share config file names: the copies are named after the whole built-in name
+    dests = {name: work / (name.replace("/", "__") + src.suffix) for name, src in builtins.items()}
     # One process copies them all through the CLI's entry point (a process per copy would spend
     # minutes importing torch); a copy that fails prints its name.
     copy_all = ("import json, sys\nfrom kdtune.cli.main import main\n"
