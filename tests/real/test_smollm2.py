@@ -83,11 +83,11 @@ def test_greedy_generation_equals_transformers(smollm2, hf):
 
 def test_the_student_goes_back_out_as_gguf(smollm2, hf, tmp_path):
     """kdtune convert to-gguf of the converted folder: f32 is the same model and tokenizer again, for
-    kdtune's reader and for transformers' GGUF loader (same logits, same greedy tokens); q8_0 stays
-    within a measured KL of it (2.4e-3 nats per token here; q4_0 is far looser: 0.62)."""
+    kdtune's reader and for transformers' GGUF loader (same logits, same greedy tokens); q8_0 and
+    q4_0 stay within a bound of KL to it (nats per token on the chats; measured KL_MEASURED)."""
     model, tok = kdtune.load_model(smollm2), kdtune.load_tokenizer(smollm2)
     prompts = [tok.apply_chat_template(chat, add_generation_prompt=True) for chat in CHATS]
-    for qtype in ("f32", "q8_0"):
+    for qtype in ("f32", "q8_0", "q4_0"):
         proc = run_kdtune("convert", "to-gguf", smollm2, tmp_path / f"student.{qtype}.gguf", "--type", qtype)
         assert proc.returncode == 0, proc.stderr
         proc = run_kdtune("convert", "gguf", tmp_path / f"student.{qtype}.gguf", tmp_path / qtype, "--dtype", "fp32")
@@ -95,7 +95,8 @@ def test_the_student_goes_back_out_as_gguf(smollm2, hf, tmp_path):
     back = kdtune.load_model(tmp_path / "f32")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="student.f32.gguf",
                                                                dtype=torch.float32).eval()
-    quantized, kls = kdtune.load_model(tmp_path / "q8_0"), []
+    quantized = {qtype: kdtune.load_model(tmp_path / qtype) for qtype in ("q8_0", "q4_0")}
+    kls = {qtype: [] for qtype in quantized}
     for prompt in prompts:
         ids = torch.tensor([prompt])
         with torch.no_grad():
@@ -107,9 +108,13 @@ def test_the_student_goes_back_out_as_gguf(smollm2, hf, tmp_path):
             ref = generate(model, [prompt], max_new_tokens=16, temperature=0.0, stop_ids=tok.eos_ids,
                            pad_id=tok.pad_id, vocab_size=tok.vocab_size).completions[0]
             assert greedy == ref
-            p, q = expected.log_softmax(-1), quantized(ids).log_softmax(-1)
-            kls.append((p.exp() * (p - q)).sum(-1).mean().item())
-    assert sum(kls) / len(kls) < 0.01, kls
+            p = expected.log_softmax(-1)
+            for qtype, model_q in quantized.items():
+                q = model_q(ids).log_softmax(-1)
+                kls[qtype].append((p.exp() * (p - q)).sum(-1).mean().item())
+    mean = {qtype: sum(v) / len(v) for qtype, v in kls.items()}
+    print(mean)
+    assert mean["q8_0"] < 0.01 and mean["q4_0"] < 1.0, mean
     again = kdtune.load_tokenizer(tmp_path / "f32")
     for text in TEXTS:
         assert again.encode(text) == tok.encode(text), text
