@@ -42,11 +42,13 @@ from kdtune.tokenization.build import train_chatml_tokenizer
 # writing both running totals ("What is 47 + 38 + 21?" -> "85, 106"), so a student that slips on the
 # first total carries its own mistake into the second: the case on-policy distillation is made for
 # (the student trains on its own partial answers). The settings below are the same for both, chosen
-# before either was measured.
+# before either was measured, except the teacher's pretraining on running sums: at addition's 1,200
+# steps that teacher answered 9% of the unlabeled prompts right (its loss still falling), so it
+# pretrains 4x longer; that was set before any running-sums student was scored.
 TASKS = {"addition": {"rows": dict(max_digits=2, ops="+"), "answer_tokens": 8, "out": "demo_output",
-                      "gkd_margin": -5.0},
+                      "teacher_pretrain_steps": 1200, "gkd_margin": -5.0},
          "running_sums": {"rows": dict(max_digits=2, ops="+", terms=3), "answer_tokens": 12,
-                          "out": "demo_output_running_sums", "gkd_margin": 5.0}}
+                          "out": "demo_output_running_sums", "teacher_pretrain_steps": 4800, "gkd_margin": 5.0}}
 OUT = Path(TASKS["addition"]["out"]).resolve()
 SIZES = {  # rows of each data set
     "teacher_pretrain": 20000, "student_pretrain": 1000, "labeled": 400, "unlabeled": 8000, "heldout": 300,
@@ -54,7 +56,6 @@ SIZES = {  # rows of each data set
 TEACHER = dict(layers=3, hidden=128, heads=4, kv_heads=2)
 STUDENT = dict(layers=3, hidden=64, heads=4, kv_heads=2)  # a quarter of the teacher's parameters
 VOCAB = 320  # the tokenizer has fewer ids; the embeddings are padded past them
-TEACHER_PRETRAIN_STEPS = 1200
 STUDENT_PRETRAIN_STEPS = 100
 BATCH = 64  # the teacher's
 STUDENT_STEPS, STUDENT_BATCH = 3200, 16
@@ -164,9 +165,9 @@ def make_data(task: dict) -> dict:
         "heldout": write_jsonl(data / "heldout.jsonl", [
             {"question": r["messages"][0]["content"], "answer": r["messages"][1]["content"]} for r in heldout]),
     }
-    task = OUT / "tasks" / "arithmetic_heldout.yaml"
-    task.parent.mkdir(parents=True, exist_ok=True)
-    task.write_text(
+    task_file = OUT / "tasks" / "arithmetic_heldout.yaml"
+    task_file.parent.mkdir(parents=True, exist_ok=True)
+    task_file.write_text(
         "task: arithmetic_heldout\n"
         "dataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {files['heldout']}\n"
@@ -259,7 +260,8 @@ def main() -> None:
           f"meanwhile students pretrain and the SFT baselines train (seeds {args.seeds})", flush=True)
     full, lora = "full_finetune_single_device", "lora_finetune_single_device"
     train(jobs, full, "tiny/full_finetune_single_device", "teacher_pretrain", teacher_init,
-          repeated("teacher_pretrain_steps", files["teacher_pretrain"], TEACHER_PRETRAIN_STEPS * BATCH), *pretrain)
+          repeated("teacher_pretrain_steps", files["teacher_pretrain"], task["teacher_pretrain_steps"] * BATCH),
+          *pretrain)
     student_pretrain_data = repeated("student_pretrain_steps", files["student_pretrain"], STUDENT_PRETRAIN_STEPS * BATCH)
     for seed in args.seeds:
         start = init_model(f"student_s{seed}", STUDENT, files["tokenizer"], seed=100 + seed)
