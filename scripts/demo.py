@@ -20,6 +20,10 @@ and plenty of unlabeled prompts.
  5. a table of mean ± standard deviation over the seeds, the ordering checked at every seed,
     demo_output/summary.json with every per-seed figure, and one seed's loss curves (kdtune plot)
 
+``--task running_sums`` runs the same pipeline on sums of three numbers written as running totals
+("What is 47 + 38 + 21?" -> "85, 106"), where a student's early slip spoils its later totals: the
+case for on-policy distillation (into demo_output_running_sums/; `make demo` runs both tasks).
+
 Every run goes through `kdtune run` with a shipped config plus overrides, printed as it starts.
 The teacher is made once; the seeds vary each student's initial weights, data order and sampling.
 """

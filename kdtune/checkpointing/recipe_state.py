@@ -3,8 +3,10 @@ saved beside the weights of a step folder, and finding the newest complete step 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,7 +27,14 @@ def save_recipe_state(checkpoint_dir: str | Path, state: dict) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{RECIPE_STATE}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:
+                # torch's zip writer reports a full disk as a RuntimeError about file positions;
+                # the partial file has just filled the disk, so that is what to say
+                if shutil.disk_usage(path.parent).free < 2**20:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

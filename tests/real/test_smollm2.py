@@ -84,7 +84,7 @@ def test_greedy_generation_equals_transformers(smollm2, hf):
 def test_the_student_goes_back_out_as_gguf(smollm2, hf, tmp_path):
     """kdtune convert to-gguf of the converted folder: f32 is the same model and tokenizer again, for
     kdtune's reader and for transformers' GGUF loader (same logits, same greedy tokens); q8_0 and
-    q4_0 stay within a bound of KL to it (nats per token on the chats; measured KL_MEASURED)."""
+    q4_0 stay within a bound of KL to it (nats per token on the chats; measured 2.5e-3 and 0.59)."""
     model, tok = kdtune.load_model(smollm2), kdtune.load_tokenizer(smollm2)
     prompts = [tok.apply_chat_template(chat, add_generation_prompt=True) for chat in CHATS]
     for qtype in ("f32", "q8_0", "q4_0"):
@@ -113,7 +113,6 @@ def test_the_student_goes_back_out_as_gguf(smollm2, hf, tmp_path):
                 q = model_q(ids).log_softmax(-1)
                 kls[qtype].append((p.exp() * (p - q)).sum(-1).mean().item())
     mean = {qtype: sum(v) / len(v) for qtype, v in kls.items()}
-    print(mean)
     assert mean["q8_0"] < 0.01 and mean["q4_0"] < 1.0, mean
     again = kdtune.load_tokenizer(tmp_path / "f32")
     for text in TEXTS:
