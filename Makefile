@@ -20,7 +20,7 @@ install: $(STAMP)
 # The suite's models are tiny: one thread per process is faster than two fighting over 2 cores, so
 # two pytest workers (pytest-xdist) run the tests side by side; several run 2-process torchrun jobs.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not llama_cpp"
 
 # llama.cpp itself, for the tests that load exported GGUF files in it: llama-cpp-python builds it
 # from source (about 8 minutes on 2 cores), so it is installed only here, never by make test. The

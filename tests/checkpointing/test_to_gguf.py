@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import kdtune
+from kdtune.checkpointing.from_gguf import convert_gguf
 from kdtune.checkpointing.gguf_names import gguf_name
 from kdtune.checkpointing.hf_format import iter_tensors
+from kdtune.checkpointing.to_gguf import export_gguf
 from tests.cli_utils import ASSETS, assert_user_error, run_kdtune
 from tests.models.tiny import make_checkpoint
 
@@ -95,10 +97,12 @@ def test_kdtunes_reader_gets_the_checkpoint_back(family, tokenizer_dir, tmp_path
     chat = [{"role": "user", "content": "What is 2 + 2?"}]
     assert ours.apply_chat_template(chat, add_generation_prompt=True) == \
         theirs.apply_chat_template(chat, add_generation_prompt=True)
-    # f16 and bf16: each matrix is the original rounded to that type; vectors (norms) stay f32
+    # f16 and bf16 (through the API: the CLI is the same call): each matrix is the original rounded
+    # to that type; vectors (norms) stay f32
     weights = dict(iter_tensors(original))
     for qtype, dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):
-        back = dict(iter_tensors(from_gguf(to_gguf(original, tmp_path / f"{qtype}.gguf", qtype), tmp_path / qtype)))
+        path = export_gguf(original, tmp_path / f"{qtype}.gguf", qtype=qtype)
+        back = dict(iter_tensors(convert_gguf(path, tmp_path / qtype, dtype=torch.float32)))
         for name, weight in weights.items():
             rounded = weight.to(dtype).float() if weight.ndim == 2 else weight.float()
             # Gemma's norms go through 1 + w and back in float32: within an ulp of 1

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import kdtune
+from kdtune.checkpointing.from_gguf import convert_gguf
+from kdtune.checkpointing.to_gguf import export_gguf
 from kdtune.datasets import chat_dataset, instruction_prompts, write_instruction_jsonl
 from kdtune.generation import generate
 from kdtune.training import read_metrics
@@ -87,11 +89,9 @@ def test_the_student_goes_back_out_as_gguf(smollm2, hf, tmp_path):
     q4_0 stay within a bound of KL to it (nats per token on the chats; measured 2.5e-3 and 0.59)."""
     model, tok = kdtune.load_model(smollm2), kdtune.load_tokenizer(smollm2)
     prompts = [tok.apply_chat_template(chat, add_generation_prompt=True) for chat in CHATS]
-    for qtype in ("f32", "q8_0", "q4_0"):
-        proc = run_kdtune("convert", "to-gguf", smollm2, tmp_path / f"student.{qtype}.gguf", "--type", qtype)
-        assert proc.returncode == 0, proc.stderr
-        proc = run_kdtune("convert", "gguf", tmp_path / f"student.{qtype}.gguf", tmp_path / qtype, "--dtype", "fp32")
-        assert proc.returncode == 0, proc.stderr
+    for qtype in ("f32", "q8_0", "q4_0"):  # through the API (tests/checkpointing runs the same calls by the CLI)
+        export_gguf(smollm2, tmp_path / f"student.{qtype}.gguf", qtype=qtype)
+        convert_gguf(tmp_path / f"student.{qtype}.gguf", tmp_path / qtype, dtype=torch.float32)
     back = kdtune.load_model(tmp_path / "f32")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="student.f32.gguf",
                                                                dtype=torch.float32).eval()
