@@ -33,7 +33,7 @@ BLOCK = 32  # the block length of q8_0 and q4_0: rows of other lengths stay at f
 # spaces and newlines, non-Latin scripts, punctuation runs.
 PROBES = ["Hello world 1234567, how are you?", "I'm  THERE'S   they'll\n\n\n  ok", "def f(x):\n    return x  # 12\r\n",
           "Ünïcödé ñ 你好 🙂 x**2 // 7", "a,b;c!?  ...  \t\tend", "2024-12-06 3.14159 1,000,000"]
-_PRE_CANDIDATES = ("llama-bpe", "qwen2", "smollm", "gpt-2")
+_PRE_CANDIDATES = ("qwen2", "llama-bpe", "smollm", "gpt-2")
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
 
 

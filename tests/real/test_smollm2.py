@@ -103,11 +103,11 @@ def test_the_student_goes_back_out_as_gguf(smollm2, hf, tmp_path):
             expected = model(ids)
             assert torch.equal(back(ids), expected)
             torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-4, rtol=1e-4)
-            greedy = theirs.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=list(tok.eos_ids),
-                                     pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
-            ref = generate(model, [prompt], max_new_tokens=16, temperature=0.0, stop_ids=tok.eos_ids,
-                           pad_id=tok.pad_id, vocab_size=tok.vocab_size).completions[0]
-            assert greedy == ref
+            if prompt is prompts[0]:  # greedy tokens through transformers' loader (each family's are in tests/checkpointing)
+                greedy = theirs.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=list(tok.eos_ids),
+                                         pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
+                assert greedy == generate(model, [prompt], max_new_tokens=16, temperature=0.0, stop_ids=tok.eos_ids,
+                                          pad_id=tok.pad_id, vocab_size=tok.vocab_size).completions[0]
             p = expected.log_softmax(-1)
             for qtype, model_q in quantized.items():
                 q = model_q(ids).log_softmax(-1)
