@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdtune.errors import warn
+
 CARD = "README.md"
 _TAGS = ["kdtune", "distillation"]
 
@@ -122,5 +124,9 @@ def write_model_card(folder: Path, *, final_name: str, run_dir: Path | None, sou
                          tags=_TAGS, pipeline_tag="text-generation")
     body = [f"# {final_name}", "", f"A model written by kdtune from `{origin}`.", ""]
     if run_dir is not None:
-        body += _how_it_was_made(run_dir, final_name)
+        try:
+            body += _how_it_was_made(run_dir, final_name)
+        except Exception as e:  # a damaged record costs the card its story, never the checkpoint
+            warn(f"{final_name}/{CARD}: the run's records could not be read ({type(e).__name__}: {e}); "
+                 f"the model card says only where the model came from")
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n").save(folder / CARD)

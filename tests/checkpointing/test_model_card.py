@@ -31,3 +31,18 @@ def test_without_a_kdtune_card_the_origin_is_the_sources_name_or_folder(tmp_path
         write_model_card(out, final_name="step_3", run_dir=None, source_dir=source, source_config=config)
         card = ModelCard.load(out / "README.md")
         assert card.data.base_model == origin and card.data.license is None
+
+
+def test_damaged_run_records_cost_the_card_its_story_not_the_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("kd_ratio: 0.5\n")
+    (run / "run.json").write_text("{not json")
+    source = tmp_path / "base"
+    source.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    write_model_card(out, final_name="step_2", run_dir=run, source_dir=source, source_config={})
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == str(source.resolve()) and "How it was made" not in card.text
+    assert "could not be read" in capsys.readouterr().err
