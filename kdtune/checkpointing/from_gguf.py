@@ -92,11 +92,14 @@ def _hf_config(meta: _Meta, arch: str, tensors: dict, vocab_size: int) -> dict:
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["mlp_bias"] = "blk.0.ffn_down.bias" in tensors
     if arch in ("gemma2", "gemma3"):
-        window = meta.get(f"{arch}.attention.sliding_window")
-        config.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=head_dim,
-                      sliding_window=None if window is None else int(window))
-        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-            cap = meta.get(f"{arch}.{key}")
+        # what llama.cpp runs when the file does not say: a 4096 window, Gemma 2 capped at 50/30, and
+        # the attention scale it fixes by layer count (1/sqrt(hidden/heads) for the 27B models)
+        layers = config["num_hidden_layers"]
+        scalar = hidden // heads if layers == {"gemma2": 46, "gemma3": 62}[arch] else head_dim
+        config.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=scalar,
+                      sliding_window=int(meta.get(f"{arch}.attention.sliding_window", 4096)))
+        for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
+            cap = meta.get(f"{arch}.{key}", default if arch == "gemma2" else None)
             config[key] = None if cap is None else _float32(cap)
         if arch == "gemma3":
             config.update(rope_local_base_freq=10000.0, sliding_window_pattern=6)

@@ -6,15 +6,17 @@ the body says how the checkpoint was made, read from the run's own records besid
 the loss and ``kd_ratio``, the data, the steps and tokens, the last training and validation losses.
 A folder written outside a run (``prune``) gets the front matter and its origin only.
 
-``base_model`` is where the student came from: the origin recorded in the starting checkpoint's
-own card when kdtune wrote it (so a chain prune → distill names the model it all began with), else
-the starting checkpoint's ``_name_or_path``, else its folder. The license is carried from the
-starting checkpoint's card when it states one.
+The origin is where the student came from: the one recorded in the starting checkpoint's own card
+when kdtune wrote it (so a chain prune → distill names the model it all began with), else the
+starting checkpoint's ``_name_or_path``, else its folder; it is the card's ``base_model`` when it is a
+hub repository id, and named in the text either way. The license is carried from the starting
+checkpoint's card when it states one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from kdtune.errors import warn
@@ -39,6 +41,12 @@ def _origin(source_dir: Path, source_config: dict, inherited: dict) -> str:
     if "kdtune" in (inherited.get("tags") or []) and inherited.get("base_model"):
         return inherited["base_model"]
     return source_config.get("_name_or_path") or str(Path(source_dir).resolve())
+
+
+def _is_repo_id(name) -> bool:
+    """``owner/name`` as the hub spells repositories, and not a folder here."""
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None \
+        and not Path(name).exists()
 
 
 def _records(run_dir: Path, step_limit: int | None) -> list[dict]:
@@ -120,8 +128,9 @@ def write_model_card(folder: Path, *, final_name: str, run_dir: Path | None, sou
 
     inherited = _source_card_data(source_dir)
     origin = _origin(source_dir, source_config, inherited)
-    data = ModelCardData(base_model=origin, license=inherited.get("license"), library_name="transformers",
-                         tags=_TAGS, pipeline_tag="text-generation")
+    # the hub takes a repository id there; a local folder is named in the text only
+    data = ModelCardData(base_model=origin if _is_repo_id(origin) else None, license=inherited.get("license"),
+                         library_name="transformers", tags=_TAGS, pipeline_tag="text-generation")
     body = [f"# {final_name}", "", f"A model written by kdtune from `{origin}`.", ""]
     if run_dir is not None:
         try:

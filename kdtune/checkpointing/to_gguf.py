@@ -31,7 +31,7 @@ TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 BLOCK = 32  # the block length of q8_0 and q4_0: rows of other lengths stay at f16
 # Texts whose pre-tokenization tells the candidates apart: digit runs, contractions, code, runs of
 # spaces and newlines, non-Latin scripts, punctuation runs.
-PROBES = ["Hello world 1234567, how are you?", "I'm  THERE'S   they'll\n\n\n  ok", "def f(x):\n    return x  # 12\r\n",
+PROBES = ["Hello world 1234567, how are you?", "HelloWorld getHTTPResponse ab12cd", "I'm  THERE'S   they'll\n\n\n  ok", "def f(x):\n    return x  # 12\r\n",
           "Ünïcödé ñ 你好 🙂 x**2 // 7", "a,b;c!?  ...  \t\tend", "2024-12-06 3.14159 1,000,000"]
 _PRE_CANDIDATES = ("qwen2", "llama-bpe", "smollm", "gpt-2")
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
@@ -64,10 +64,22 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, *, qtype: str 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out_path)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, out_path)  # the final name appears complete, and never over a file made meanwhile
+        except FileExistsError:
+            raise KDTuneError(f"{out_path}: already exists (choose a new file; nothing was overwritten)") from None
     finally:
+        writer.close()
         tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no partial file
     return out_path
+
+
+def llama_cpp_attention_scalar(args: ModelArgs) -> int:
+    """The ``query_pre_attn_scalar`` llama.cpp's Gemma graphs imply (they fix it rather than read it)."""
+    is_27b = args.num_layers == {"gemma2": 46, "gemma3_text": 62}.get(args.model_type)
+    return args.hidden_size // args.num_heads if is_27b else args.head_dim
 
 
 def _refuse_unrepresentable(args: ModelArgs, config: dict, source: Path) -> None:
@@ -75,6 +87,9 @@ def _refuse_unrepresentable(args: ModelArgs, config: dict, source: Path) -> None
         raise KDTuneError(f"{source}: {what}; llama.cpp would run this model differently, so no GGUF file was written")
 
     gemma = args.model_type in ("gemma2", "gemma3_text")
+    activation = "gelu_pytorch_tanh" if gemma else "silu"  # fixed in each of llama.cpp's graphs
+    if args.hidden_act != activation:
+        refuse(f"MLP activation {args.hidden_act} (llama.cpp's {GGUF_ARCH[args.model_type]} graph uses {activation})")
     if args.sliding_window is not None and not gemma and args.sliding_window < args.max_position_embeddings:
         refuse(f"sliding_window={args.sliding_window} below max_position_embeddings={args.max_position_embeddings} "
                f"(llama.cpp's {GGUF_ARCH[args.model_type]} graph attends to every position)")
@@ -84,10 +99,14 @@ def _refuse_unrepresentable(args: ModelArgs, config: dict, source: Path) -> None
     if args.rope_scaling is not None and args.rope_scaling["rope_type"] == "llama3" and args.model_type != "llama":
         refuse("llama3 rope scaling outside a Llama model")
     if gemma:
-        # llama.cpp scales Gemma's attention by 1/sqrt(head_dim) (Gemma 2 27B's and Gemma 3 27B's exception aside)
+        # llama.cpp scales Gemma's attention by 1/sqrt(head_dim), except for the layer counts of the
+        # 27B models (Gemma 2: 46, Gemma 3: 62), which it scales by 1/sqrt(hidden/heads)
         scalar = config.get("query_pre_attn_scalar", 256)
-        if scalar != args.head_dim:
-            refuse(f"query_pre_attn_scalar={scalar} differs from head_dim={args.head_dim}")
+        if scalar != llama_cpp_attention_scalar(args):
+            refuse(f"query_pre_attn_scalar={scalar} differs from the {llama_cpp_attention_scalar(args)} that "
+                   f"llama.cpp uses for a {args.model_type} of {args.num_layers} layers")
+        if args.model_type == "gemma2" and not (args.attn_logit_softcapping and args.final_logit_softcapping):
+            refuse("Gemma 2 without both softcaps (llama.cpp's Gemma 2 graph caps at 50/30 when none is given)")
         if args.model_type == "gemma2":
             expected = tuple(SLIDING if i % 2 == 0 else "full_attention" for i in range(args.num_layers))
         else:
@@ -254,8 +273,9 @@ def _write_metadata(writer, args: ModelArgs, config: dict, folder: Path, qtype: 
 
 def _stored(array: np.ndarray, name: str, qtype: str):
     """(data, raw type) of one tensor in the file: 1-D tensors (norms, biases) stay float32 as in
-    llama.cpp's own files; q4_0 keeps the embedding and output layer at q8_0 (llama.cpp's quantizer
-    keeps them at higher precision too); rows not a multiple of 32 long fall back to f16."""
+    llama.cpp's own files; q4_0 keeps the embedding and output layer at q8_0 (kdtune's choice: they
+    suffer most from 4 bits; llama-quantize gives the output layer 6 bits); rows not a multiple of 32
+    long fall back to f16, and f16 to f32 where a weight is beyond float16's range."""
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
@@ -266,6 +286,8 @@ def _stored(array: np.ndarray, name: str, qtype: str):
         kind = Q.Q8_0
     if kind in (Q.Q8_0, Q.Q4_0) and array.shape[-1] % BLOCK:
         kind = Q.F16
+    if kind == Q.F16 and np.abs(array).max() > np.finfo(np.float16).max:
+        return array.astype(np.float32), None
     if kind == Q.F16:
         return array.astype(np.float16), None
     return quants.quantize(array.astype(np.float32), kind), kind

@@ -25,12 +25,14 @@ def test_without_a_kdtune_card_the_origin_is_the_sources_name_or_folder(tmp_path
     source = tmp_path / "base"
     source.mkdir()
     (source / "README.md").write_text("# just a readme, no front matter\n")
-    for config, origin in (({"_name_or_path": "Qwen/Qwen2.5-0.5B"}, "Qwen/Qwen2.5-0.5B"), ({}, str(source.resolve()))):
+    # a hub repository id is the card's base_model; a local folder is named in the text only
+    for config, origin, base_model in (({"_name_or_path": "Qwen/Qwen2.5-0.5B"}, "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"),
+                                       ({}, str(source.resolve()), None)):
         out = tmp_path / f"out{len(config)}"
         out.mkdir()
         write_model_card(out, final_name="step_3", run_dir=None, source_dir=source, source_config=config)
         card = ModelCard.load(out / "README.md")
-        assert card.data.base_model == origin and card.data.license is None
+        assert card.data.base_model == base_model and origin in card.text and card.data.license is None
 
 
 def test_damaged_run_records_cost_the_card_its_story_not_the_checkpoint(tmp_path, capsys):
@@ -44,5 +46,5 @@ def test_damaged_run_records_cost_the_card_its_story_not_the_checkpoint(tmp_path
     out.mkdir()
     write_model_card(out, final_name="step_2", run_dir=run, source_dir=source, source_config={})
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model == str(source.resolve()) and "How it was made" not in card.text
+    assert card.data.base_model is None and str(source.resolve()) in card.text and "How it was made" not in card.text
     assert "could not be read" in capsys.readouterr().err

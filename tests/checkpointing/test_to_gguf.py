@@ -156,16 +156,18 @@ def test_a_lora_runs_step_folder_exports_its_merged_weights(tokenizer_dir, tmp_p
 
 
 def test_what_llama_cpp_would_run_differently_is_refused_in_one_line(tokenizer_dir, tmp_path):
-    cases = {
-        "mistral": ({}, "sliding_window=8 below max_position_embeddings=256"),
-        "phi3": ({"sliding_window": None}, "longrope rope scaling is not written"),
-        "gemma2": ({}, "query_pre_attn_scalar=24 differs from head_dim=32"),
-        "gemma3_text": ({"layer_types": ["sliding_attention", "full_attention"] * 3 + ["full_attention"]},
-                        "differ from llama.cpp's fixed pattern"),
-    }
-    for family, (changes, fragment) in cases.items():
-        folder = checkpoint(family, tmp_path / family, tokenizer_dir, **changes)
-        out = tmp_path / f"{family}.gguf"
+    cases = [
+        ("mistral", {}, "sliding_window=8 below max_position_embeddings=256"),
+        ("phi3", {"sliding_window": None}, "longrope rope scaling is not written"),
+        ("gemma2", {}, "query_pre_attn_scalar=24 differs from the 32 that llama.cpp uses"),
+        ("gemma2", {"query_pre_attn_scalar": 32, "final_logit_softcapping": None}, "Gemma 2 without both softcaps"),
+        ("gemma3_text", {"layer_types": ["sliding_attention", "full_attention"] * 3 + ["full_attention"]},
+         "differ from llama.cpp's fixed pattern"),
+        ("llama", {"hidden_act": "gelu_pytorch_tanh"}, "MLP activation gelu_pytorch_tanh"),
+    ]
+    for i, (family, changes, fragment) in enumerate(cases):
+        folder = checkpoint(family, tmp_path / f"{family}{i}", tokenizer_dir, **changes)
+        out = tmp_path / f"{family}{i}.gguf"
         assert_user_error(run_kdtune("convert", "to-gguf", folder, out), fragment, "no GGUF file was written")
         assert not out.exists() and not list(tmp_path.glob(".*.tmp*"))
 
