@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kdtune.checkpointing.atomic import atomic_directory
-from kdtune.checkpointing.gguf_names import HF_MODEL, hf_name, llama_unpermute
+from kdtune.checkpointing.gguf_names import HF_MODEL, gemma_attention_scalar, hf_name, llama_unpermute
 from kdtune.checkpointing.hf_format import CONFIG, dtype_name, write_weights
 from kdtune.errors import KDTuneError
 
@@ -56,15 +56,20 @@ def _open(path: Path):
     return reader
 
 
-class _Meta:
-    """The GGUF key/value metadata, read field by field, missing ones named in the error."""
+class Metadata:
+    """GGUF key/value metadata as plain values (a file's, or one being written), read key by key,
+    a missing one named in the error."""
 
-    def __init__(self, reader, path: Path):
-        self.fields, self.path = reader.fields, path
+    def __init__(self, fields: dict, path: Path):
+        self.fields, self.path = fields, path
+
+    @classmethod
+    def of(cls, reader, path: Path) -> "Metadata":
+        return cls({key: field.contents() for key, field in reader.fields.items()}, path)
 
     def get(self, key: str, default=None):
-        field = self.fields.get(key)
-        return default if field is None else field.contents()
+        value = self.fields.get(key)
+        return default if value is None else value
 
     def need(self, key: str):
         value = self.get(key)
@@ -73,7 +78,7 @@ class _Meta:
         return value
 
 
-def _hf_config(meta: _Meta, arch: str, tensors: dict, vocab_size: int) -> dict:
+def _hf_config(meta: Metadata, arch: str, tensors: dict, vocab_size: int) -> dict:
     model_type, architecture = HF_MODEL[arch]
     hidden, heads = meta.need(f"{arch}.embedding_length"), meta.need(f"{arch}.attention.head_count")
     head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
@@ -94,8 +99,7 @@ def _hf_config(meta: _Meta, arch: str, tensors: dict, vocab_size: int) -> dict:
     if arch in ("gemma2", "gemma3"):
         # what llama.cpp runs when the file does not say: a 4096 window, Gemma 2 capped at 50/30, and
         # the attention scale it fixes by layer count (1/sqrt(hidden/heads) for the 27B models)
-        layers = config["num_hidden_layers"]
-        scalar = hidden // heads if layers == {"gemma2": 46, "gemma3": 62}[arch] else head_dim
+        scalar = gemma_attention_scalar(model_type, config["num_hidden_layers"], hidden, heads, head_dim)
         config.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=scalar,
                       sliding_window=int(meta.get(f"{arch}.attention.sliding_window", 4096)))
         for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
@@ -118,7 +122,7 @@ def _float32(value) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(meta: _Meta, arch: str, tensors: dict) -> dict | None:
+def _rope_scaling(meta: Metadata, arch: str, tensors: dict) -> dict | None:
     """Linear scaling from the metadata; Llama 3's from the ``rope_freqs`` tensor, whose parameters
     kdtune's writer also records (``kdtune.rope_scaling``): llama.cpp keeps only the per-frequency
     factors, which do not give the four parameters back."""
@@ -137,7 +141,7 @@ def _rope_scaling(meta: _Meta, arch: str, tensors: dict) -> dict | None:
                       f"original Hugging Face checkpoint instead")
 
 
-def _tokenizer_files(meta: _Meta) -> tuple[dict, dict]:
+def tokenizer_files(meta: Metadata) -> tuple[dict, dict]:
     """(tokenizer.json, tokenizer_config.json) contents for a GGUF byte-level BPE vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -197,7 +201,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
 
     path, out_dir = Path(path), Path(out_dir)
     reader = _open(path)
-    meta = _Meta(reader, path)
+    meta = Metadata.of(reader, path)
     arch = meta.need("general.architecture")
     if arch not in HF_MODEL:
         raise KDTuneError(f"{path}: architecture '{arch}' is not supported by kdtune (supported: "
@@ -207,7 +211,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
     if unknown:
         raise KDTuneError(f"{path}: tensor '{unknown[0]}' has no Hugging Face counterpart for {arch}")
     _rope_scaling(meta, arch, tensors)  # what cannot be read back is refused before anything else
-    tokenizer, tokenizer_config = _tokenizer_files(meta)
+    tokenizer, tokenizer_config = tokenizer_files(meta)
     vocab_size = int(tensors["token_embd.weight"].shape[-1])
     config = _hf_config(meta, arch, tensors, vocab_size)
     config["torch_dtype"] = dtype_name(dtype)

@@ -71,3 +71,10 @@ def llama_unpermute(weight, heads: int):
     """The inverse of :func:`llama_permute`: Hugging Face keeps the two halves apart."""
     rows = weight.shape[0]
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gemma_attention_scalar(model_type: str, layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The ``query_pre_attn_scalar`` llama.cpp's Gemma graphs imply (they fix it rather than read it):
+    head_dim, but hidden/heads at the layer counts of the 27B models (Gemma 2: 46, Gemma 3: 62)."""
+    is_27b = layers == {"gemma2": 46, "gemma3_text": 62}.get(model_type)
+    return hidden // heads if is_27b else head_dim

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdtune.checkpointing.gguf_names import GGUF_ARCH, gguf_name, llama_permute
+from kdtune.checkpointing.gguf_names import GGUF_ARCH, gemma_attention_scalar, gguf_name, llama_permute
 from kdtune.checkpointing.hf_format import CONFIG, iter_tensors, read_config
 from kdtune.errors import KDTuneError
 from kdtune.models.args import SLIDING, ModelArgs
@@ -76,12 +76,6 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, *, qtype: str 
     return out_path
 
 
-def llama_cpp_attention_scalar(args: ModelArgs) -> int:
-    """The ``query_pre_attn_scalar`` llama.cpp's Gemma graphs imply (they fix it rather than read it)."""
-    is_27b = args.num_layers == {"gemma2": 46, "gemma3_text": 62}.get(args.model_type)
-    return args.hidden_size // args.num_heads if is_27b else args.head_dim
-
-
 def _refuse_unrepresentable(args: ModelArgs, config: dict, source: Path) -> None:
     def refuse(what: str) -> None:
         raise KDTuneError(f"{source}: {what}; llama.cpp would run this model differently, so no GGUF file was written")
@@ -99,12 +93,12 @@ def _refuse_unrepresentable(args: ModelArgs, config: dict, source: Path) -> None
     if args.rope_scaling is not None and args.rope_scaling["rope_type"] == "llama3" and args.model_type != "llama":
         refuse("llama3 rope scaling outside a Llama model")
     if gemma:
-        # llama.cpp scales Gemma's attention by 1/sqrt(head_dim), except for the layer counts of the
-        # 27B models (Gemma 2: 46, Gemma 3: 62), which it scales by 1/sqrt(hidden/heads)
         scalar = config.get("query_pre_attn_scalar", 256)
-        if scalar != llama_cpp_attention_scalar(args):
-            refuse(f"query_pre_attn_scalar={scalar} differs from the {llama_cpp_attention_scalar(args)} that "
-                   f"llama.cpp uses for a {args.model_type} of {args.num_layers} layers")
+        fixed = gemma_attention_scalar(args.model_type, args.num_layers, args.hidden_size, args.num_heads,
+                                       args.head_dim)
+        if scalar != fixed:
+            refuse(f"query_pre_attn_scalar={scalar} differs from the {fixed} that llama.cpp uses for a "
+                   f"{args.model_type} of {args.num_layers} layers")
         if args.model_type == "gemma2" and not (args.attn_logit_softcapping and args.final_logit_softcapping):
             refuse("Gemma 2 without both softcaps (llama.cpp's Gemma 2 graph caps at 50/30 when none is given)")
         if args.model_type == "gemma2":
@@ -122,21 +116,6 @@ def _refuse_unrepresentable(args: ModelArgs, config: dict, source: Path) -> None
 
 
 # -- the tokenizer ---------------------------------------------------------------------------------
-
-
-class _Fields:
-    """GGUF-style metadata held in a dict, read the way ``from_gguf`` reads a file's."""
-
-    def __init__(self, fields: dict, path: Path):
-        self.fields, self.path = fields, path
-
-    def get(self, key: str, default=None):
-        return self.fields.get(key, default)
-
-    def need(self, key: str):
-        if key not in self.fields:
-            raise KDTuneError(f"{self.path}: no {key}")
-        return self.fields[key]
 
 
 def _token_id(vocab: dict, token) -> int | None:
@@ -199,7 +178,7 @@ def _pre_tokenizer(fields: dict, original, path: Path) -> str:
     """The llama.cpp pre-tokenizer name under which the vocabulary encodes the probes as ``original``."""
     from tokenizers import Tokenizer
 
-    from kdtune.checkpointing.from_gguf import _tokenizer_files
+    from kdtune.checkpointing.from_gguf import Metadata, tokenizer_files
 
     def behaviour(tokenizer):  # how it splits each probe, and the ids it gives
         return [(tokenizer.pre_tokenizer.pre_tokenize_str(text), tokenizer.encode(text, add_special_tokens=False).ids)
@@ -207,7 +186,7 @@ def _pre_tokenizer(fields: dict, original, path: Path) -> str:
 
     expected = behaviour(original)
     for name in _PRE_CANDIDATES:
-        spec, _ = _tokenizer_files(_Fields({**fields, "tokenizer.ggml.pre": name}, path))
+        spec, _ = tokenizer_files(Metadata({**fields, "tokenizer.ggml.pre": name}, path))
         if behaviour(Tokenizer.from_str(json.dumps(spec))) == expected:
             return name
     raise KDTuneError(f"{path}: its pre-tokenizer splits text unlike any llama.cpp pre-tokenizer kdtune knows "

@@ -1,5 +1,17 @@
 import pytest
 
+import kdtune
+
+
+def assert_same_tokenizer(folder, reference, texts) -> None:
+    """The tokenizers of two checkpoint folders give the same ids for ``texts`` and render a chat alike."""
+    ours, theirs = kdtune.load_tokenizer(folder), kdtune.load_tokenizer(reference)
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text), text
+    chat = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == \
+        theirs.apply_chat_template(chat, add_generation_prompt=True)
+
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):

@@ -12,6 +12,7 @@ import torch
 
 import kdtune
 from kdtune.checkpointing.hf_format import iter_tensors
+from tests.checkpointing.conftest import assert_same_tokenizer
 from tests.cli_utils import ASSETS, assert_user_error, run_kdtune
 from tests.models.tiny import CONFIGS, make_checkpoint
 
@@ -106,12 +107,7 @@ def test_a_gguf_file_converts_back_to_the_same_model(family, chatml_tokenizer, t
     with torch.no_grad():
         torch.testing.assert_close(kdtune.load_model(out)(tokens), kdtune.load_model(original)(tokens),
                                    rtol=1e-6, atol=1e-6)
-    ours, theirs = kdtune.load_tokenizer(out), kdtune.load_tokenizer(original)
-    for text in TEXTS:
-        assert ours.encode(text) == theirs.encode(text)
-    chat = [{"role": "user", "content": "What is 2 + 2?"}]
-    assert ours.apply_chat_template(chat, add_generation_prompt=True) == \
-        theirs.apply_chat_template(chat, add_generation_prompt=True)
+    assert_same_tokenizer(out, original, TEXTS)
 
 
 def test_quantized_tensors_are_dequantized(chatml_tokenizer, tmp_path):

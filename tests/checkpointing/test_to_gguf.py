@@ -16,6 +16,7 @@ from kdtune.checkpointing.from_gguf import convert_gguf
 from kdtune.checkpointing.gguf_names import gguf_name
 from kdtune.checkpointing.hf_format import iter_tensors
 from kdtune.checkpointing.to_gguf import export_gguf
+from tests.checkpointing.conftest import assert_same_tokenizer
 from tests.cli_utils import ASSETS, assert_user_error, run_kdtune
 from tests.models.tiny import make_checkpoint
 
@@ -91,12 +92,7 @@ def test_kdtunes_reader_gets_the_checkpoint_back(family, tokenizer_dir, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(kdtune.load_model(back)(tokens), expected, rtol=1e-6, atol=1e-6)
         assert torch.equal(greedy(kdtune.load_model(back), tokens), greedy(model, tokens))
-    ours, theirs = kdtune.load_tokenizer(back), kdtune.load_tokenizer(original)
-    for text in TEXTS:
-        assert ours.encode(text) == theirs.encode(text)
-    chat = [{"role": "user", "content": "What is 2 + 2?"}]
-    assert ours.apply_chat_template(chat, add_generation_prompt=True) == \
-        theirs.apply_chat_template(chat, add_generation_prompt=True)
+    assert_same_tokenizer(back, original, TEXTS)
     # f16 and bf16 (through the API: the CLI is the same call): each matrix is the original rounded
     # to that type; vectors (norms) stay f32
     weights = dict(iter_tensors(original))
