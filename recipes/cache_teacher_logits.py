@@ -4,6 +4,8 @@ For every trained position (label != -100) of every sample, tokenized exactly as
 run will tokenize it, the teacher's ``top_k`` largest log-probabilities at ``temperature`` and their
 token ids go into safetensors shards in ``output_dir``, with an ``index.json`` recording what the
 cache was made from. Point the distillation recipes' ``teacher_logits_cache`` at ``output_dir``.
+With ``teacher_server`` in place of ``teacher_checkpointer`` the rows come from a served teacher
+(vLLM; docs/serving.md) and no weight loads here.
 An interrupted run resumes when rerun with the same config. Copy this file (`kdtune cp`) to change it.
 """
 
@@ -12,6 +14,7 @@ from kdtune import offline, training
 from kdtune.checkpointing import check_same_tokens, require_comparable
 from kdtune.config import instantiate
 from kdtune.config.settings import CacheSettings
+from kdtune.errors import KDTuneError
 from kdtune.training.precision import resolve_device, resolve_dtype
 
 
@@ -20,6 +23,10 @@ def main(cfg, s):
     # 1. Everything that can be checked before a weight is loaded.
     device, dtype = resolve_device(s.device), resolve_dtype(s.dtype)
     tokenizer = instantiate(cfg.tokenizer)
+    if s.teacher_server is not None:
+        return cache_from_server(cfg, s, tokenizer)
+    if s.teacher_checkpointer is None:
+        raise KDTuneError("teacher_checkpointer: required (the teacher's checkpoint), or teacher_server")
     teacher_checkpointer = instantiate(cfg.teacher_checkpointer)
     # The distillation reads the cache with this tokenizer (the student's): the teacher must share it.
     teacher_rows = teacher_checkpointer.model_args.vocab_size
@@ -49,6 +56,28 @@ def main(cfg, s):
     writer.write(teacher, batch_size=s.batch_size, pad_id=tokenizer.pad_id, device=device)
     print(f"Wrote the teacher's top-{writer.index['top_k']} log-probabilities of {writer.index['num_rows']} "
           f"tokens to {s.output_dir}")
+
+
+def cache_from_server(cfg, s, tokenizer):
+    """The same cache, its rows from a served teacher: checked (up, the model, the tokenizer) first."""
+    if s.teacher_checkpointer is not None:
+        raise KDTuneError("teacher_server and teacher_checkpointer are both set: cache one teacher (remove "
+                          "teacher_checkpointer with ~teacher_checkpointer)")
+    if s.top_k != s.teacher_server.top_k:
+        raise KDTuneError(f"top_k: {s.top_k} is not teacher_server.top_k ({s.teacher_server.top_k}), what the "
+                          f"server is asked for; set both alike")
+    teacher = training.served_teacher(s.teacher_server, tokenizer, s.temperature, top_k=s.top_k)
+    dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
+    writer = offline.CacheWriter(
+        s.output_dir, dataset, tokenizer, top_k=s.top_k, temperature=s.temperature, logprob_dtype=s.logprob_dtype,
+        samples_per_shard=s.samples_per_shard, teacher={**teacher.describe(), "vocab_check": "tokenizer"},
+    )
+    if writer.complete:
+        print(f"{s.output_dir} already holds this cache, complete; nothing to do")
+        return
+    writer.write_served(teacher, batch_size=s.batch_size)
+    print(f"Wrote the served teacher's top-{writer.index['top_k']} log-probabilities of "
+          f"{writer.index['num_rows']} tokens to {s.output_dir}")
 
 
 if __name__ == "__main__":

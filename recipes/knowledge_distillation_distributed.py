@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import kdtune.config
-from kdtune import offline, training
+from kdtune import training
 from kdtune.config import instantiate
 from kdtune.config.settings import DistillationSettings
 from kdtune.errors import KDTuneError
@@ -32,25 +32,27 @@ def main(cfg, s):
     # 1. Settings, output folder and data: everything that can be checked before a weight loads.
     run = training.RunContext(cfg, s, distributed.FSDPDistribution())  # joins the process group
     kd = training.distillation_parts(cfg)
-    dataset, collate = offline.join_teacher_cache(instantiate(cfg.dataset, tokenizer=kd.tokenizer), kd.teacher_cache,
-                                                  tokenizer=kd.tokenizer, temperature=kd.divergence.temperature)
+    # with a teacher cache or server, each sample joined with the teacher's top-k rows
+    dataset, collate = training.join_teacher(instantiate(cfg.dataset, tokenizer=kd.tokenizer), kd)
     training.check_positions(dataset, *kd.checkpointers)  # no sample longer than the models' positions
     training.check_memory_plan(run.device, run.dtype, kd.checkpointer, cfg.get("model"), cfg.optimizer,
                                kd.teacher_checkpointer, cfg.get("teacher"), processes=run.dist.world_size)
     steps = training.StepBatches(dataset, batch_size=s.batch_size, collate_fn=lambda b: collate(b, kd.tokenizer.pad_id),
                                  seed=run.seed, shuffle=s.shuffle, max_steps_per_epoch=s.max_steps_per_epoch,
-                                 gradient_accumulation_steps=s.gradient_accumulation_steps, dist=run.dist)
+                                 gradient_accumulation_steps=s.gradient_accumulation_steps, dist=run.dist,
+                                 lookahead=kd.teacher_server is not None)  # the server's next rows come meanwhile
     if s.validation and kd.teacher_cache:
         raise KDTuneError("validation: the teacher cache holds the training samples only; validating needs the "
                           "teacher itself (teacher_checkpointer)")
-    val_batches = training.build_validation(cfg, s, kd.tokenizer, lambda b: collate(b, kd.tokenizer.pad_id), run.dist)
+    val_batches = training.build_validation(cfg, s, kd.tokenizer, lambda b: collate(b, kd.tokenizer.pad_id), run.dist,
+                                           join=lambda d: training.join_teacher(d, kd)[0])
 
     # 2. The models, each loaded (memory-mapped) on every process and then sharded over them.
     student = distributed.shard(training.load_student(kd.checkpointer, cfg.get("model"), device=run.device,
                                                       dtype=run.dtype, resume_dir=run.resume_dir), run.dist, key="model")
     if run.dist.is_main:
         print(training.describe_trainable(student))  # what trains, in one line
-    teacher = None if kd.teacher_cache else distributed.shard(
+    teacher = None if kd.teacher_checkpointer is None else distributed.shard(
         training.load_teacher(kd.teacher_checkpointer, cfg.get("teacher"), device=run.device, dtype=run.dtype),
         run.dist, key="teacher")
     if s.compile:  # each decoder layer on its own: the first steps run slower while they compile

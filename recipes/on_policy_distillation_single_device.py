@@ -38,6 +38,10 @@ def main(cfg, s):
     if kd.teacher_cache:
         raise KDTuneError("teacher_logits_cache: on-policy distillation grades the student's own samples, "
                           "so it needs the teacher itself (teacher_checkpointer)")
+    if kd.teacher_server and (s.seq_kd or s.on_policy_loss == "sampled_reverse_kl"):
+        raise KDTuneError("teacher_server: a served teacher grades the student's completions with its top-k "
+                          "rows (on_policy_loss: divergence); seq_kd and sampled_reverse_kl need the teacher "
+                          "itself (teacher_checkpointer)")
     if kd.hidden_state_loss:
         raise KDTuneError("hidden_state_loss: on-policy distillation matches output distributions only; use "
                           "knowledge_distillation_single_device for intermediate-layer losses")
@@ -61,11 +65,12 @@ def main(cfg, s):
 
     val_batches = training.build_validation(cfg, s, tokenizer, reference_batch, run.dist)
 
-    # 2. The models: a trainable student and a frozen teacher.
+    # 2. The models: a trainable student and a frozen teacher (none when the teacher is served).
     student = training.load_student(kd.checkpointer, cfg.get("model"), device=run.device, dtype=run.dtype,
                                     resume_dir=run.resume_dir)
     print(training.describe_trainable(student))  # what trains, in one line
-    teacher = training.load_teacher(kd.teacher_checkpointer, cfg.get("teacher"), device=run.device, dtype=run.dtype)
+    teacher = None if kd.teacher_checkpointer is None else training.load_teacher(
+        kd.teacher_checkpointer, cfg.get("teacher"), device=run.device, dtype=run.dtype)
     if s.compile:  # each decoder layer on its own: the first steps run slower while they compile
         for layer in student.layers:
             layer.compile()
@@ -81,7 +86,7 @@ def main(cfg, s):
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
     # each model's final-logit cap (Gemma 2), applied to its logits in every loss form; a cache holds capped rows
     caps = dict(student_softcap=student.args.final_logit_softcapping,
-                teacher_softcap=teacher.args.final_logit_softcapping)
+                teacher_softcap=teacher.args.final_logit_softcapping if teacher else None)
     kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size, **caps)
     # on_policy_loss: sampled_reverse_kl scores the student's own completions by a policy gradient instead
     sampled_kl = SampledReverseKLLoss(vocab_size=kd.divergence.vocab_size, softcap_value=caps["student_softcap"],
@@ -107,9 +112,12 @@ def main(cfg, s):
                                   chunk_size=s.loss_chunk_size)
 
     def forward(batch):
-        """The student's and the teacher's final hidden states, and the teacher's output weight."""
+        """The student's and the teacher's final hidden states, and the teacher's output weight (a
+        served teacher: its top-k rows for the batch, and no weight)."""
         inputs = {"mask": batch.get("mask"), "input_pos": batch.get("input_pos"), "return_hidden": True}
         hidden = student(batch["tokens"], **inputs)
+        if teacher is None:
+            return hidden, kd.teacher_server.batch_topk(batch), None
         with torch.no_grad():
             return hidden, teacher(batch["tokens"], **inputs), teacher.output_weight
 

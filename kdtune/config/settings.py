@@ -100,6 +100,18 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TeacherServerSettings:
+    """A teacher served by vLLM (or SGLang) over the OpenAI-compatible API, in place of its checkpoint."""
+
+    base_url: str = setting(check=text(), help="the API root, e.g. http://127.0.0.1:8000/v1")
+    model: str = setting(check=text(), help="the served model's name (vllm serve --served-model-name)")
+    top_k: int = setting(20, integer(1), "log-probabilities per token (vLLM allows 20 unless --max-logprobs)")
+    max_concurrency: int = setting(8, integer(1), "requests in flight at once")
+    timeout_s: float = setting(120.0, number(0, above=True), "seconds a request may take")
+    retries: int = setting(3, integer(0), "more tries after a connection error, timeout or 5xx, with backoff")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainingSettings:
     """Every training recipe's settings; supervised fine-tuning (full or LoRA) reads exactly these."""
 
@@ -162,6 +174,8 @@ class DistillationSettings(TrainingSettings):
     teacher: dict | None = setting(None, node(optional=True), "teacher options: dtype, quantize (nf4 | int8)")
     teacher_logits_cache: str | None = setting(None, text(optional=True),
                                                "a cache_teacher_logits folder in place of the teacher")
+    teacher_server: TeacherServerSettings | None = setting(None, nested(TeacherServerSettings, optional=True),
+                                                           "a served teacher (vLLM) in place of teacher_checkpointer")
     teacher_vocab_check: str = setting("tokenizer", choice("tokenizer", "padding"),
                                        "tokenizer: embedding tables of other sizes need both tokenizers to compare; "
                                        "padding: trust that the extra rows are padding")
@@ -191,7 +205,10 @@ class CacheSettings:
     """Caching the teacher's top-k log-probabilities over a dataset (cache_teacher_logits)."""
 
     output_dir: str = setting(check=text(), help="the cache folder (index.json and safetensors shards)")
-    teacher_checkpointer: dict = setting(check=node(component=True), help="the teacher's checkpoint")
+    teacher_checkpointer: dict | None = setting(None, node(component=True, optional=True),
+                                                "the teacher's checkpoint; null with teacher_server")
+    teacher_server: TeacherServerSettings | None = setting(None, nested(TeacherServerSettings, optional=True),
+                                                           "a served teacher (vLLM) in place of teacher_checkpointer")
     teacher: dict | None = setting(None, node(optional=True), "teacher options: dtype, quantize (nf4 | int8)")
     teacher_vocab_check: str = setting("tokenizer", choice("tokenizer", "padding"),
                                        "tokenizer: a teacher whose table is not the tokenizer's size needs its "

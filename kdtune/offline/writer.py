@@ -79,35 +79,52 @@ class CacheWriter:
         return recorded["complete"]
 
     def write(self, teacher, *, batch_size: int, pad_id: int, device: torch.device) -> None:
-        """Compute and write every shard not yet on disk, then mark the index complete."""
+        """Compute and write every shard not yet on disk with ``teacher`` (a model), then mark the
+        index complete."""
         vocab = self.index["vocab_size"]
         weight = teacher.output_weight
         if weight.shape[0] < vocab:
             raise KDTuneError(f"the teacher has {weight.shape[0]} output rows but the tokenizer has {vocab} tokens: "
                               f"the cache must be made with the teacher's own tokenizer")
         weight = weight[:vocab]  # padding rows of the embedding are no token
+
+        def rows(samples):
+            batch = {key: v.to(device) for key, v in collate(samples, pad_id).items()}
+            values, ids = teacher_topk(teacher, batch, weight, self.index["top_k"], self.index["temperature"])
+            return values.cpu(), ids.cpu()
+
+        self._write_all(rows, batch_size)
+
+    def write_served(self, teacher, *, batch_size: int) -> None:
+        """`write` with a served teacher (`kdtune.serving.ServedTeacher`): ``batch_size`` samples'
+        requests are in flight together."""
+        self._write_all(lambda samples: tuple(torch.cat(part) for part in zip(*teacher.sample_rows(samples))),
+                        batch_size)
+
+    def _write_all(self, rows, batch_size: int) -> None:
         lengths, per_shard = self.summary.lengths, self.index["samples_per_shard"]
         todo = [s for s, name in enumerate(self.index["shards"]) if not (self.folder / name).is_file()]
         left = sum(sum(lengths[s * per_shard:(s + 1) * per_shard]) for s in todo)
         bar = tqdm(total=sum(lengths), initial=sum(lengths) - left, unit="tok", unit_scale=True,
                    desc="cache teacher", dynamic_ncols=True)
         for shard in todo:
-            self._write_shard(shard, teacher, weight, batch_size, pad_id, device, bar)
+            self._write_shard(shard, rows, batch_size, bar)
         bar.close()
         self.index["complete"] = True
         write_index(self.folder, self.index)
 
-    def _write_shard(self, shard, teacher, weight, batch_size, pad_id, device, bar) -> None:
+    def _write_shard(self, shard, rows_of, batch_size, bar) -> None:
+        """``rows_of(samples)``: the top-k values and ids ``[N, k]`` of the samples' trained positions,
+        in order."""
         per_shard, samples = self.index["samples_per_shard"], self.index["samples"]
         members = range(shard * per_shard, min((shard + 1) * per_shard, len(samples)))
-        rows, k = sum(samples[i][2] for i in members), self.index["top_k"]
+        rows = sum(samples[i][2] for i in members)
         stored: dict[str, torch.Tensor] = {}  # each storage tensor, one leading row per token
         order = sorted(members, key=lambda i: self.summary.lengths[i])
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
-            batch = {key: v.to(device) for key, v in collate([self.dataset[i] for i in chosen], pad_id).items()}
-            values, top_ids = teacher_topk(teacher, batch, weight, k, self.index["temperature"])
-            encoded = encode_rows(values.cpu(), top_ids.cpu(), self.index["logprob_dtype"], self.index["vocab_size"])
+            values, top_ids = rows_of([self.dataset[i] for i in chosen])
+            encoded = encode_rows(values, top_ids, self.index["logprob_dtype"], self.index["vocab_size"])
             counts = [samples[i][2] for i in chosen]
             for name, tensor in encoded.items():
                 target = stored.setdefault(name, tensor.new_empty((rows, *tensor.shape[1:])))

@@ -11,7 +11,7 @@
 """
 
 from kdtune.training.data import StepBatches, build_validation, check_positions, to_device, validation_batches
-from kdtune.training.distillation import DistillationParts, distillation_parts
+from kdtune.training.distillation import DistillationParts, distillation_parts, join_teacher, served_teacher
 from kdtune.training.distribution import Distribution
 from kdtune.training.memory import check_memory_plan
 from kdtune.training.metric_logging import (
@@ -58,6 +58,7 @@ __all__ = [
     "get_cosine_schedule_with_warmup",
     "get_rng_state",
     "is_lora",
+    "join_teacher",
     "load_student",
     "load_teacher",
     "peak_memory_gb",
@@ -65,6 +66,7 @@ __all__ = [
     "progress_bar",
     "read_metrics",
     "set_rng_state",
+    "served_teacher",
     "set_seed",
     "step_tokens",
     "student_saver",

@@ -6,6 +6,7 @@ batches afterwards. Under data parallelism each rank takes every ``world_size``-
 """
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -53,12 +54,14 @@ class StepBatches:
     """The training data as optimizer steps: each step is ``gradient_accumulation_steps``
     micro-batches of ``batch_size`` samples per process, in the resumable order above.
 
-    Refuses, before any weight is loaded, a dataset too small for one optimizer step.
+    Refuses, before any weight is loaded, a dataset too small for one optimizer step. With
+    ``lookahead`` the next step's micro-batches are loaded in a background thread while the caller
+    trains on this one: for data that waits on I/O, such as a served teacher's top-k rows.
     """
 
     def __init__(self, dataset, *, batch_size: int, collate_fn, seed: int, shuffle: bool = True,
                  gradient_accumulation_steps: int = 1, max_steps_per_epoch: int | None = None,
-                 dist: Distribution | None = None):
+                 dist: Distribution | None = None, lookahead: bool = False):
         dist = dist or Distribution()
         per_step = batch_size * gradient_accumulation_steps * dist.world_size
         if len(dataset) == 0:
@@ -73,6 +76,7 @@ class StepBatches:
         self.accumulation = gradient_accumulation_steps
         whole = self.sampler.epoch_length // (batch_size * gradient_accumulation_steps)
         self.steps_per_epoch = min(whole, max_steps_per_epoch) if max_steps_per_epoch else whole
+        self.lookahead = lookahead
 
     def epoch(self, state: TrainingState) -> Iterator[list[dict]]:
         """The rest of epoch ``state.epoch``, one optimizer step's micro-batches at a time.
@@ -83,11 +87,19 @@ class StepBatches:
         """
         self.sampler.set_position(state.epoch, state.step_in_epoch * self.accumulation * self.loader.batch_size)
         batches = iter(self.loader)
-        while state.step_in_epoch < self.steps_per_epoch:
-            micro = [next(batches) for _ in range(self.accumulation)]
-            state.step_in_epoch += 1
-            state.global_step += 1
-            yield micro
+
+        def take():
+            return [next(batches) for _ in range(self.accumulation)]
+
+        with ThreadPoolExecutor(1, thread_name_prefix="lookahead") as pool:
+            upcoming = pool.submit(take) if self.lookahead else None
+            while state.step_in_epoch < self.steps_per_epoch:
+                micro = upcoming.result() if upcoming else take()
+                if self.lookahead and state.step_in_epoch + 1 < self.steps_per_epoch:
+                    upcoming = pool.submit(take)  # the next step's, loading while this one trains
+                state.step_in_epoch += 1
+                state.global_step += 1
+                yield micro
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
 
@@ -107,7 +119,9 @@ def validation_batches(dataset, *, batch_size: int, collate_fn, max_batches: int
     indices = mine + [mine[-1] if mine else 0] * padding
     batches = []
     for first in range(0, len(indices), batch_size):
-        batch = collate_fn([dataset[i] for i in indices[first: first + batch_size]])
+        chosen = indices[first: first + batch_size]
+        fetch = getattr(dataset, "__getitems__", None)  # a whole batch at once where the dataset can
+        batch = collate_fn(fetch(chosen) if fetch else [dataset[i] for i in chosen])
         for row in range(batch["labels"].shape[0]):
             if first + row >= len(mine):  # a repeated sample: scored by no one
                 batch["labels"][row] = IGNORE_INDEX
@@ -158,12 +172,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return moved
 
 
-def build_validation(cfg, settings, tokenizer, collate_fn, dist: Distribution) -> list[dict] | None:
-    """The ``validation`` node's batches for this process (see `validation_batches`), or None."""
+def build_validation(cfg, settings, tokenizer, collate_fn, dist: Distribution, join=None) -> list[dict] | None:
+    """The ``validation`` node's batches for this process (see `validation_batches`), or None;
+    ``join`` wraps the dataset first (a served teacher's rows)."""
     if settings.validation is None:
         return None
     from kdtune.config import instantiate
 
     dataset = instantiate(cfg.validation.dataset, tokenizer=tokenizer)
+    if join is not None:
+        dataset = join(dataset)
     return validation_batches(dataset, batch_size=settings.validation.batch_size or settings.batch_size,
                               collate_fn=collate_fn, max_batches=settings.validation.max_batches, dist=dist)

@@ -1,38 +1,60 @@
 """What a distillation run sets up before any weight loads: the tokenizer, the student's checkpoint,
 the teacher's (their vocabularies must agree with the tokenizer) or a teacher cache in its place,
-the divergence, and the hidden-state loss with its layer map when the config asks for one."""
+a served teacher (vLLM) in its place, the divergence, and the hidden-state loss with its layer map
+when the config asks for one."""
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdtune.checkpointing import HFCheckpointer, check_vocab_compatible
 from kdtune.config import instantiate, resolve_component
 from kdtune.errors import KDTuneError
 from kdtune.losses import Divergence, HiddenStateLoss
+from kdtune.offline.dataset import collate_with_teacher_topk, join_teacher_cache
 from kdtune.offline.index import read_index
+from kdtune.serving import ServedTeacher, ServedTeacherDataset
 
 
 @dataclass
 class DistillationParts:
     tokenizer: object
     checkpointer: HFCheckpointer
-    teacher_checkpointer: HFCheckpointer | None  # None when distilling from a teacher cache
+    teacher_checkpointer: HFCheckpointer | None  # None when distilling from a teacher cache or server
     divergence: Divergence
     teacher_cache: str | None = None  # teacher_logits_cache: the cached top-k stand in for the teacher
     hidden_state_loss: HiddenStateLoss | None = None  # with its projections, when the config has one
+    teacher_server: ServedTeacher | None = None  # a served teacher's top-k stand in for the teacher, checked
 
     @property
     def checkpointers(self) -> list[HFCheckpointer]:
-        """The student's and (unless distilling from a cache) the teacher's."""
+        """The student's and (unless distilling from a cache or a server) the teacher's."""
         return [self.checkpointer] + ([self.teacher_checkpointer] if self.teacher_checkpointer else [])
 
 
 def distillation_parts(cfg: DictConfig) -> DistillationParts:
     """The parts of ``cfg``; with ``teacher_logits_cache`` there is no teacher checkpoint: the
-    cache's tokenizer is checked by fingerprint when it is opened."""
+    cache's tokenizer is checked by fingerprint when it is opened. With ``teacher_server`` neither:
+    the server is asked here whether it is up, serves the model and shares the tokenizer."""
     cache = cfg.get("teacher_logits_cache")
+    server = cfg.get("teacher_server")
+    if server is not None:
+        others = [k for k in ("teacher_checkpointer", "teacher_logits_cache") if cfg.get(k) is not None]
+        if others:
+            raise KDTuneError(f"teacher_server and {others[0]} are both set: distill from one teacher (remove "
+                              f"{others[0]} with ~{others[0]})")
+        if cfg.get("hidden_state_loss") is not None:
+            raise KDTuneError("hidden_state_loss: a served teacher gives log-probabilities, not hidden states; "
+                              "distill from the teacher itself (teacher_checkpointer) to match them")
+        tokenizer = instantiate(cfg.tokenizer)
+        checkpointer = instantiate(cfg.checkpointer)
+        vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir, checkpointer.checkpoint_dir,
+                                            tokenizer.vocab_size, tokenizer.marker_ids,
+                                            cfg.get("teacher_vocab_check", "tokenizer"), tokenizer_dir=tokenizer.path)
+        divergence = build_divergence(cfg.kd_loss, vocab_size=vocab_size)
+        served = served_teacher(server, tokenizer, divergence.temperature)
+        return DistillationParts(tokenizer, checkpointer, None, divergence, teacher_server=served)
     if cache and cfg.get("teacher_checkpointer") is not None:
         raise KDTuneError("teacher_logits_cache and teacher_checkpointer are both set: distill from the cache "
                           "(remove teacher_checkpointer with ~teacher_checkpointer) or from the teacher model")
@@ -56,6 +78,29 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
                              teacher=teacher_checkpointer.model_args)
     return DistillationParts(tokenizer, checkpointer, teacher_checkpointer,
                              build_divergence(cfg.kd_loss, vocab_size=vocab_size), cache or None, hidden)
+
+
+def served_teacher(node, tokenizer, temperature: float, **changes) -> ServedTeacher:
+    """The ``teacher_server`` node's teacher (a node or its checked settings), checked against
+    ``tokenizer``: one line if it is not the teacher to distill from."""
+    from kdtune.config.settings import TeacherServerSettings, nested  # settings import this module
+
+    if not is_dataclass(node):
+        plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        node = nested(TeacherServerSettings)("teacher_server", plain)  # checked, defaults filled in
+    options = {**asdict(node), **changes}
+    teacher = ServedTeacher(**options, temperature=temperature, vocab_size=tokenizer.vocab_size)
+    teacher.check(tokenizer)
+    return teacher
+
+
+def join_teacher(dataset, kd: DistillationParts):
+    """The dataset and collate function to train on: ``dataset`` joined with the top-k rows of the
+    teacher cache or of the served teacher when the run distills from one (batches then carry
+    ``teacher_topk``), else ``dataset`` and `collate` as they are."""
+    if kd.teacher_server is not None:
+        return ServedTeacherDataset(dataset, kd.teacher_server), collate_with_teacher_topk
+    return join_teacher_cache(dataset, kd.teacher_cache, tokenizer=kd.tokenizer, temperature=kd.divergence.temperature)
 
 
 def check_cache_teacher(cache: Path, vocab_check: str) -> None:

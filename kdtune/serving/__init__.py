@@ -1,0 +1,9 @@
+"""Teachers served by an inference engine (vLLM, SGLang) over the OpenAI-compatible API: their top-k
+log-probabilities for caching, online KD and on-policy grading (docs/serving.md)."""
+
+from kdtune.serving.client import ServerClient, ServerError
+from kdtune.serving.dataset import ServedTeacherDataset
+from kdtune.serving.teacher import ServedTeacher
+from kdtune.serving.temperature import tail_bounds, temper_topk
+
+__all__ = ["ServedTeacher", "ServedTeacherDataset", "ServerClient", "ServerError", "tail_bounds", "temper_topk"]
