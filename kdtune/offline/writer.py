@@ -106,7 +106,7 @@ class CacheWriter:
         todo = [s for s, name in enumerate(self.index["shards"]) if not (self.folder / name).is_file()]
         left = sum(sum(lengths[s * per_shard:(s + 1) * per_shard]) for s in todo)
         bar = tqdm(total=sum(lengths), initial=sum(lengths) - left, unit="tok", unit_scale=True,
-                   desc="cache teacher", dynamic_ncols=True)
+                   desc="cache teacher", dynamic_ncols=True, disable=None)  # hidden off a terminal
         for shard in todo:
             self._write_shard(shard, rows, batch_size, bar)
         bar.close()

@@ -1,0 +1,186 @@
+"""A vLLM-served teacher against the same teacher run by kdtune: its top-k rows, a cache written from
+it, KD and on-policy distillation from it, a server that dies mid-cache, and servers that are not the
+teacher to distill from. Real engine, real weights (SmolLM2-135M-Instruct); `make test-vllm`."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kdtune
+from kdtune.checkpointing import write_random_checkpoint
+from kdtune.datasets import arithmetic_rows, chat_dataset
+from kdtune.offline.shards import decode_rows
+from kdtune.offline.writer import teacher_topk
+from kdtune.serving import ServedTeacher
+from kdtune.training import read_metrics
+from tests.cli_utils import ASSETS, assert_user_error, run_kdtune
+from tests.serving.conftest import Proxy
+
+pytestmark = [pytest.mark.vllm, pytest.mark.real]
+K = 20
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    """Short chats (question, worked answer), the same every time."""
+    rows = arithmetic_rows(24, seed=3, max_digits=2)
+    for row in rows:
+        row["messages"][1]["content"] += " I added the tens, then the ones."
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def student(vllm_server, tmp_path_factory):
+    """A small random Llama with SmolLM2's tokenizer: what a pruned or fresh student would be."""
+    out = tmp_path_factory.mktemp("student") / "student"
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152,
+              "max_position_embeddings": 1024, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+    write_random_checkpoint(config, out, seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(vllm_server["checkpoint"] / name, out / name)
+    return out
+
+
+def served(vllm_server, **options) -> list[str]:
+    """The overrides that put the served teacher in a config's place of the teacher checkpoint."""
+    options = {"base_url": vllm_server["base_url"], "model": vllm_server["model"], "top_k": K, **options}
+    return ["~teacher_checkpointer", *(f"+teacher_server.{key}={value}" for key, value in options.items())]
+
+
+def cache_args(tmp_path, name, chats, tokenizer_dir, *extra):
+    return ("run", "cache_teacher_logits", "--config", "tiny/cache_teacher_logits", f"output_dir={tmp_path / name}",
+            f"tokenizer.path={tokenizer_dir}", "dataset=chat", f"dataset.data_files={chats}", "dataset.source=jsonl",
+            f"top_k={K}", "samples_per_shard=4", "batch_size=4", *extra)
+
+
+def cached_rows(folder):
+    index = json.loads((folder / "index.json").read_text())
+    out = []
+    for shard in index["shards"]:
+        out.append(decode_rows(load_file(folder / shard), index["logprob_dtype"], index["top_k"],
+                               index["vocab_size"]))
+    return torch.cat([lp for lp, _ in out]), torch.cat([i for _, i in out]), index
+
+
+def test_served_top_k_rows_equal_the_local_teachers(vllm_server, chats):
+    checkpoint = vllm_server["checkpoint"]
+    tok, teacher = kdtune.load_tokenizer(checkpoint), kdtune.load_model(checkpoint)
+    server = ServedTeacher(base_url=vllm_server["base_url"], model=vllm_server["model"], top_k=K,
+                           vocab_size=tok.vocab_size)
+    server.check(tok)
+    samples = [chat_dataset(tok, data_files=str(chats), source="jsonl")[i] for i in range(6)]
+    for sample, (logprobs, ids) in zip(samples, server.sample_rows(samples)):
+        batch = {"tokens": torch.tensor([sample["tokens"]]), "labels": torch.tensor([sample["labels"]])}
+        want, want_ids = teacher_topk(teacher, batch, teacher.output_weight, K, 1.0)
+        same = (ids == want_ids).all(-1)
+        assert same.float().mean() > 0.95  # a near-tie may swap two neighbours
+        torch.testing.assert_close(logprobs[same], want[same], atol=1e-4, rtol=0)
+
+
+def test_a_cache_from_the_server_equals_one_from_the_local_teacher(vllm_server, chats, tmp_path):
+    checkpoint = vllm_server["checkpoint"]
+    local = run_kdtune(*cache_args(tmp_path, "local", chats, checkpoint, "logprob_dtype=fp32",
+                                   f"teacher_checkpointer.checkpoint_dir={checkpoint}", "teacher.dtype=fp32"))
+    assert local.returncode == 0, local.stderr
+    remote = run_kdtune(*cache_args(tmp_path, "served", chats, checkpoint, *served(vllm_server)))  # q8, the default
+    assert remote.returncode == 0, remote.stderr
+    want, want_ids, _ = cached_rows(tmp_path / "local")
+    got, got_ids, index = cached_rows(tmp_path / "served")
+    assert index["logprob_dtype"] == "q8" and index["teacher"]["server_model"] == vllm_server["model"]
+    assert (got_ids == want_ids).all(-1).float().mean() > 0.99  # a near-tie may swap two neighbours
+    same = (got_ids == want_ids).all(-1)
+    span = (want[:, 0] - want[:, -1])[:, None]  # q8 keeps each value within 1/127 of its row's span
+    assert ((got - want).abs()[same] <= (span / 127 + 1e-4).expand_as(got)[same]).all()
+
+
+def kd_args(tmp_path, name, chats, student, *extra):
+    return ("run", "knowledge_distillation_single_device", "--config", "tiny/KD_full_single_device",
+            f"output_dir={tmp_path / name}", f"checkpointer.checkpoint_dir={student}", "dataset=chat",
+            f"dataset.data_files={chats}", "dataset.source=jsonl", "batch_size=4", "max_steps_per_epoch=5",
+            "lr_scheduler.num_warmup_steps=0", *extra)
+
+
+def test_kd_from_the_server_takes_the_steps_of_kd_from_the_local_teachers_top_k(vllm_server, chats, student,
+                                                                                  tmp_path):
+    checkpoint = vllm_server["checkpoint"]
+    proc = run_kdtune(*cache_args(tmp_path, "cache", chats, student, "logprob_dtype=fp32",
+                                  f"teacher_checkpointer.checkpoint_dir={checkpoint}", "teacher.dtype=fp32"))
+    assert proc.returncode == 0, proc.stderr
+    local = run_kdtune(*kd_args(tmp_path, "local", chats, student, "~teacher_checkpointer",
+                                f"+teacher_logits_cache={tmp_path / 'cache'}"))
+    assert local.returncode == 0, local.stderr
+    remote = run_kdtune(*kd_args(tmp_path, "served", chats, student, *served(vllm_server)))
+    assert remote.returncode == 0, remote.stderr
+    want, got = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("local", "served"))
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want):
+        for key in ("loss", "ce_loss", "kd_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
+
+
+def test_on_policy_distillation_grades_the_students_samples_through_the_server(vllm_server, student, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = arithmetic_rows(8, seed=5, max_digits=2)
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_kdtune("run", "on_policy_distillation_single_device", "--config", "tiny/GKD_single_device",
+                      f"output_dir={tmp_path / 'gkd'}", f"checkpointer.checkpoint_dir={student}",
+                      f"dataset.data_files={prompts}", "dataset.source=jsonl", "lmbda=1.0", "batch_size=4", "max_steps_per_epoch=2", "generation.max_new_tokens=8",
+                      *served(vllm_server))
+    assert proc.returncode == 0, proc.stderr
+    metrics = read_metrics(tmp_path / "gkd" / "metrics.jsonl")
+    assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) and m["loss"] > 0 for m in metrics)
+
+
+def test_a_server_lost_mid_cache_is_one_line_and_the_rerun_finishes_the_cache(vllm_server, chats, tmp_path):
+    port = int(vllm_server["root"].rsplit(":", 1)[1])
+    checkpoint = vllm_server["checkpoint"]
+    # the checks take 9 requests; then 3 shards' worth of single-sample requests, and the server is gone
+    proxy = Proxy(port, cut_after=9 + 12).start()
+    address = {"base_url": f"http://127.0.0.1:{proxy.port}/v1", "max_concurrency": 1, "retries": 1}
+    args = cache_args(tmp_path, "cache", chats, checkpoint, "batch_size=1", *served(vllm_server, **address))
+    proc = run_kdtune(*args)
+    assert_user_error(proc, "teacher_server: cannot reach", f"127.0.0.1:{proxy.port}")
+    written = sorted(p.name for p in (tmp_path / "cache").glob("shard-*"))
+    assert 0 < len(written) < 6 and not list((tmp_path / "cache").glob(".*.tmp"))
+    proxy.cut_after = None
+    proxy.connections = 0
+    proxy.start()
+    try:
+        proc = run_kdtune(*args)
+    finally:
+        proxy.stop()
+    assert proc.returncode == 0, proc.stderr
+    full = run_kdtune(*cache_args(tmp_path, "whole", chats, checkpoint, *served(vllm_server)))
+    assert full.returncode == 0, full.stderr
+    resumed, resumed_ids, index = cached_rows(tmp_path / "cache")
+    whole, whole_ids, _ = cached_rows(tmp_path / "whole")
+    assert index["complete"] and torch.equal(resumed_ids, whole_ids)
+    torch.testing.assert_close(resumed, whole, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["unreachable", "other model", "other tokenizer"])
+def test_a_server_that_is_not_the_teacher_is_one_line_and_nothing_is_written(vllm_server, chats, student, case,
+                                                                             tmp_path):
+    options, tokenizer_dir, message = {}, student, ""
+    if case == "unreachable":
+        from tests.serving.conftest import free_port
+
+        options, message = {"base_url": f"http://127.0.0.1:{free_port()}/v1", "retries": 0}, "cannot reach"
+    elif case == "other model":
+        options, message = {"model": "Llama-3.1-70B-Instruct"}, "serves 'smollm2', not 'Llama-3.1-70B-Instruct'"
+    else:
+        tokenizer_dir, message = ASSETS / "qwen2_5_tokenizer", "tokenizer differs from the student's"
+    proc = run_kdtune(*cache_args(tmp_path, "cache", chats, tokenizer_dir, *served(vllm_server, **options)))
+    assert_user_error(proc, message)
+    assert not (tmp_path / "cache").exists()
+    if case != "other tokenizer":
+        proc = run_kdtune(*kd_args(tmp_path, "kd", chats, student, *served(vllm_server, **options)))
+        assert_user_error(proc, message)
+        assert not (tmp_path / "kd").exists()
