@@ -34,14 +34,14 @@ from kdtune.training.on_policy import OnPolicyBatches, check_plain_sampling, che
 def main(cfg, s):
     # 1. Settings, output folder and prompts: everything that can be checked before a weight loads.
     run = training.RunContext(cfg, s)
-    kd = training.distillation_parts(cfg)
-    if kd.teacher_cache:
-        raise KDTuneError("teacher_logits_cache: on-policy distillation grades the student's own samples, "
-                          "so it needs the teacher itself (teacher_checkpointer)")
-    if kd.teacher_server and (s.seq_kd or s.on_policy_loss == "sampled_reverse_kl"):
+    if s.teacher_server and (s.seq_kd or s.on_policy_loss == "sampled_reverse_kl"):
         raise KDTuneError("teacher_server: a served teacher grades the student's completions with its top-k "
                           "rows (on_policy_loss: divergence); seq_kd and sampled_reverse_kl need the teacher "
                           "itself (teacher_checkpointer)")
+    kd = training.distillation_parts(cfg)  # a served teacher is asked here whether it is the one
+    if kd.teacher_cache:
+        raise KDTuneError("teacher_logits_cache: on-policy distillation grades the student's own samples, "
+                          "so it needs the teacher itself (teacher_checkpointer or teacher_server)")
     if kd.hidden_state_loss:
         raise KDTuneError("hidden_state_loss: on-policy distillation matches output distributions only; use "
                           "knowledge_distillation_single_device for intermediate-layer losses")
