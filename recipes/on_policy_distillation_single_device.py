@@ -9,6 +9,9 @@ with the output projections; ``kd_ratio < 1`` mixes cross-entropy in on the data
 ``lmbda_end`` moves ``lmbda`` linearly over the run. ``on_policy_loss: sampled_reverse_kl`` scores
 the student's own completions instead by the sampled-token reverse KL, a policy gradient that needs
 only the teacher's log-probability of each sampled token (see kdtune/losses/sampled_kl.py).
+With ``teacher_server`` a vLLM-served teacher grades the completions by its top-k rows; with
+``student_server`` vLLM samples a LoRA student's completions from its adapter, pushed every
+``sync_every_n_steps`` (docs/serving.md).
 
 The training step is this file: copy it (``kdtune cp on_policy_distillation_single_device my_gkd.py``)
 and edit it — how completions are chosen, the loss on them, a metric of your own. kdtune supplies the
@@ -17,6 +20,7 @@ parts: loading, data, generation, resumable state, losses, savers and loggers.
 
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,6 +31,7 @@ from kdtune.config.settings import OnPolicySettings
 from kdtune.datasets import collate_prompts
 from kdtune.errors import KDTuneError
 from kdtune.losses import ForwardKLLoss, LinearKDLoss, SampledReverseKLLoss, token_logprobs
+from kdtune.serving import ServedSampler
 from kdtune.training.on_policy import OnPolicyBatches, check_plain_sampling, check_replies, completion_batch
 
 
@@ -64,6 +69,13 @@ def main(cfg, s):
                                 stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
 
     val_batches = training.build_validation(cfg, s, tokenizer, reference_batch, run.dist)
+    sampler = None  # with student_server, vLLM samples the LoRA student's completions from its pushed adapter
+    if s.student_server is not None:
+        if not (cfg.get("model") or {}).get("lora_rank"):
+            raise KDTuneError("student_server: vLLM samples a LoRA student (model.lora_rank) from its pushed "
+                              "adapter; a full-weight student samples with kdtune's own generator")
+        sampler = ServedSampler(**dataclasses.asdict(s.student_server), adapter_dir=Path(s.output_dir) / "adapters")
+        sampler.check(tokenizer)
 
     # 2. The models: a trainable student and a frozen teacher (none when the teacher is served).
     student = training.load_student(kd.checkpointer, cfg.get("model"), device=run.device, dtype=run.dtype,
@@ -80,7 +92,7 @@ def main(cfg, s):
     completions = OnPolicyBatches(student, teacher, lmbda=s.lmbda, seq_kd=s.seq_kd, seed=run.seed,
                                   generation=dataclasses.asdict(s.generation), stop_ids=tokenizer.eos_ids,
                                   pad_id=tokenizer.pad_id, vocab_size=kd.divergence.vocab_size, device=run.device,
-                                  lmbda_end=s.lmbda_end, num_steps=s.epochs * steps.steps_per_epoch)
+                                  lmbda_end=s.lmbda_end, num_steps=s.epochs * steps.steps_per_epoch, sampler=sampler)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer, params)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
@@ -147,6 +159,8 @@ def main(cfg, s):
             start = time.perf_counter()
             temperature = kd.divergence.temperature  # the loss's, this step (a schedule may vary it)
             sampling_temperature = s.generation.temperature  # what the student's completions were drawn at
+            if sampler and sampler.stale(state.global_step):
+                sampler.push(student, state.global_step)  # the server samples from the adapter as it is now
             micro, generation_metrics = completions(prompts)  # batches marked "generated" or not
             num_tokens = training.step_tokens(micro, run.dist)  # completion tokens of all micro-batches
             metrics = training.StepMetrics()
@@ -194,6 +208,8 @@ def main(cfg, s):
                 run.stop(state.global_step)  # one line saying where it stopped; exit status 130 or 143
         last_checkpoint = save(epoch=state.epoch, recipe_state=state.state_dict())
     bar.close()
+    if sampler:
+        sampler.close()
     if logger:
         logger.close()
 

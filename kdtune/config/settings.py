@@ -112,6 +112,18 @@ class TeacherServerSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StudentServerSettings:
+    """vLLM serving the LoRA student's base model (--enable-lora): it samples the on-policy completions."""
+
+    base_url: str = setting(check=text(), help="the API root, e.g. http://127.0.0.1:8001/v1")
+    model: str = setting(check=text(), help="the served base model's name (vllm serve --served-model-name)")
+    sync_every_n_steps: int = setting(1, integer(1), "push the trained adapter to the server this often")
+    max_concurrency: int = setting(8, integer(1), "requests in flight at once")
+    timeout_s: float = setting(120.0, number(0, above=True), "seconds a request may take")
+    retries: int = setting(3, integer(0), "more tries after a connection error, timeout or 5xx, with backoff")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainingSettings:
     """Every training recipe's settings; supervised fine-tuning (full or LoRA) reads exactly these."""
 
@@ -197,6 +209,9 @@ class OnPolicySettings(DistillationSettings):
                                   "sampled-token reverse KL (a policy gradient; the teacher scores sampled tokens)")
     seq_kd: bool = setting(False, boolean(), "off-policy steps train on teacher-written completions")
     generation: GenerationSettings = setting(check=nested(GenerationSettings), help="how completions are sampled")
+    student_server: StudentServerSettings | None = setting(None, nested(StudentServerSettings, optional=True),
+                                                           "a LoRA student's completions sampled by vLLM; null: "
+                                                           "kdtune's own sampler")
     kd_ratio: float = setting(1.0, number(0, 1), "< 1 mixes CE in on the dataset's replies, never on generated ones")
 
 

@@ -52,7 +52,11 @@ class ServerClient:
                                              headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
+                    raw = response.read()
+                try:
+                    return json.loads(raw)
+                except ValueError:  # some routes answer plain text (vLLM's load_lora_adapter)
+                    return raw.decode(errors="replace")
             except urllib.error.HTTPError as e:
                 detail = _error_detail(e)
                 if e.code not in RETRIED_STATUS or attempt == self.retries:

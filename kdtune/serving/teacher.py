@@ -25,6 +25,37 @@ PROBES = ("Hello world! The year 2024 had 366 days.", "  leading spaces\tand\tta
           "1234567890 3.14159 -42 1e-5")
 
 
+def check_served_model(client: ServerClient, model: str, tokenizer, what: str) -> int | None:
+    """The server at ``client`` is up, serves ``model``, and its tokenizer is ``tokenizer`` (probe
+    texts encode alike; the last id decodes alike and no id follows it); one line saying which is
+    not so, otherwise. Returns the model's ``max_model_len``."""
+    served = {m.get("id"): m for m in client.get("/v1/models").get("data", [])}
+    if model not in served:
+        raise KDTuneError(f"{what}.model: the server at {client.api} serves "
+                          f"{', '.join(map(repr, served)) or 'no model'}, not '{model}'")
+    for text in PROBES:
+        theirs = client.post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})["tokens"]
+        ours = tokenizer.encode(text, add_special_tokens=False)
+        if theirs != ours:
+            raise KDTuneError(f"{what}: the served model's tokenizer differs from the student's ({tokenizer.path}): "
+                              f"{text!r} is {theirs[:8]}... there, {ours[:8]}... here; the served model must share "
+                              f"the student's tokenizer")
+
+    def detokenize(ids):
+        try:
+            return client.post("/detokenize", {"model": model, "tokens": ids})["prompt"]
+        except ServerError:
+            return None  # an id the server's tokenizer does not have
+
+    last = tokenizer.vocab_size - 1
+    theirs_last, beyond = detokenize([last]), detokenize([tokenizer.vocab_size])
+    if theirs_last != tokenizer.decode([last]) or beyond not in ("", None):
+        raise KDTuneError(f"{what}: the served tokenizer's vocabulary is not the student's {tokenizer.vocab_size:,} "
+                          f"tokens (id {last} is {theirs_last!r} there, {tokenizer.decode([last])!r} here; id "
+                          f"{tokenizer.vocab_size} is {beyond!r} there)")
+    return served[model].get("max_model_len")
+
+
 class ServedTeacher:
     """The teacher at ``base_url`` serving ``model``; `check` it against the student's tokenizer
     before training. ``temperature`` is the KD temperature, applied to the served rows (`temper_topk`)."""
@@ -47,27 +78,7 @@ class ServedTeacher:
     def check(self, tokenizer) -> None:
         """The server is up, serves ``model``, tokenizes as ``tokenizer`` does, has its vocabulary
         size, and allows ``top_k`` log-probabilities; one line saying which is not so, otherwise."""
-        models = self.client.get("/v1/models").get("data", [])
-        served = {m.get("id"): m for m in models}
-        if self.model not in served:
-            raise KDTuneError(f"teacher_server.model: the server at {self.client.api} serves "
-                              f"{', '.join(map(repr, served)) or 'no model'}, not '{self.model}'")
-        self.max_model_len = served[self.model].get("max_model_len")
-        for text in PROBES:
-            theirs = self.client.post("/tokenize", {"model": self.model, "prompt": text,
-                                                    "add_special_tokens": False})["tokens"]
-            ours = tokenizer.encode(text, add_special_tokens=False)
-            if theirs != ours:
-                raise KDTuneError(f"teacher_server: the served model's tokenizer differs from the student's "
-                                  f"({tokenizer.path}): {text!r} is {theirs[:8]}... there, {ours[:8]}... here; "
-                                  f"the teacher must share the student's tokenizer")
-        last = tokenizer.vocab_size - 1
-        theirs_last = self._detokenize([last])
-        beyond = self._detokenize([tokenizer.vocab_size])
-        if theirs_last != tokenizer.decode([last]) or beyond not in ("", None):
-            raise KDTuneError(f"teacher_server: the served tokenizer's vocabulary is not the student's "
-                              f"{tokenizer.vocab_size:,} tokens (id {last} is {theirs_last!r} there, "
-                              f"{tokenizer.decode([last])!r} here; id {tokenizer.vocab_size} is {beyond!r} there)")
+        self.max_model_len = check_served_model(self.client, self.model, tokenizer, "teacher_server")
         try:
             self._prompt_logprobs([tokenizer.encode("a b", add_special_tokens=False)[0]] * 2)
         except ServerError as e:
@@ -76,12 +87,6 @@ class ServedTeacher:
                                   f"token ({e.detail}); start vLLM with --max-logprobs {self.top_k} or lower top_k"
                                   ) from None
             raise
-
-    def _detokenize(self, ids: list[int]) -> str | None:
-        try:
-            return self.client.post("/detokenize", {"model": self.model, "tokens": ids})["prompt"]
-        except ServerError:
-            return None  # an id the server's tokenizer does not have
 
     # -- rows ------------------------------------------------------------------------------------------
 

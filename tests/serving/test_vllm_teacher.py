@@ -3,21 +3,19 @@ it, KD and on-policy distillation from it, a server that dies mid-cache, and ser
 teacher to distill from. Real engine, real weights (SmolLM2-135M-Instruct); `make test-vllm`."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import kdtune
-from kdtune.checkpointing import write_random_checkpoint
 from kdtune.datasets import arithmetic_rows, chat_dataset
 from kdtune.offline.shards import decode_rows
 from kdtune.offline.writer import teacher_topk
 from kdtune.serving import ServedTeacher
 from kdtune.training import read_metrics
 from tests.cli_utils import ASSETS, assert_user_error, run_kdtune
-from tests.serving.conftest import Proxy
+from tests.serving.conftest import Proxy, small_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real]
 K = 20
@@ -37,15 +35,7 @@ def chats(tmp_path_factory):
 @pytest.fixture(scope="module")
 def student(vllm_server, tmp_path_factory):
     """A small random Llama with SmolLM2's tokenizer: what a pruned or fresh student would be."""
-    out = tmp_path_factory.mktemp("student") / "student"
-    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152,
-              "max_position_embeddings": 1024, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
-    write_random_checkpoint(config, out, seed=0)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(vllm_server["checkpoint"] / name, out / name)
-    return out
+    return small_llama(vllm_server["checkpoint"], tmp_path_factory.mktemp("student") / "student")
 
 
 def served(vllm_server, **options) -> list[str]:
