@@ -15,6 +15,7 @@ from kdtune.offline.writer import teacher_topk
 from kdtune.serving import ServedTeacher
 from kdtune.training import read_metrics
 from tests.cli_utils import ASSETS, assert_user_error, run_kdtune
+from tests.recipes.conftest import KD_ONE_AND_TWO_PROCESSES
 from tests.serving.conftest import Proxy, small_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real]
@@ -174,3 +175,24 @@ def test_a_server_that_is_not_the_teacher_is_one_line_and_nothing_is_written(vll
         proc = run_kdtune(*kd_args(tmp_path, "kd", chats, student, *served(vllm_server, **options)))
         assert_user_error(proc, message)
         assert not (tmp_path / "kd").exists()
+
+
+def test_two_processes_distill_from_the_server_as_one_does_validation_included(vllm_server, chats, student,
+                                                                              tmp_path):
+    runs = {}
+    for name, launch in KD_ONE_AND_TWO_PROCESSES:
+        out = tmp_path / name
+        proc = run_kdtune("run", *launch, f"output_dir={out}", f"checkpointer.checkpoint_dir={student}",
+                          "dataset=chat", f"dataset.data_files={chats}", "dataset.source=jsonl",
+                          "max_steps_per_epoch=3", "lr_scheduler.num_warmup_steps=0",
+                          "+validation.dataset._component_=chat", f"+validation.dataset.data_files={chats}",
+                          "+validation.dataset.source=jsonl", "+validation.every_n_steps=3",
+                          "+validation.batch_size=2", *served(vllm_server))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = read_metrics(out / "metrics.jsonl")
+    assert len(runs["single"]) == len(runs["sharded"]) == 3
+    for one, two in zip(runs["single"], runs["sharded"]):
+        for key in ("loss", "kd_loss", "ce_loss"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4), (key, one, two)
+    for key in ("val_loss", "val_kd_loss", "val_kl"):
+        assert runs["sharded"][-1][key] == pytest.approx(runs["single"][-1][key], rel=1e-4), key
