@@ -53,14 +53,16 @@ $(VLLM_STAMP): scripts/vllm_dist_info.py
 
 install-vllm: $(VLLM_STAMP)
 
-# make serve-teacher MODEL=/path/to/hf_folder [NAME=teacher PORT=8000 TOP_K=64 ARGS="--enable-lora ..."]
+# make serve-teacher MODEL=/path/to/hf_folder [NAME=teacher PORT=8000 TOP_K=64 KV_GIB=2 ARGS="--dtype float32"]
+# On a CPU vLLM's KV cache is KV_GIB of RAM, reserved at start (left unset, vLLM took 22 of 24 GiB here).
 NAME ?= teacher
 PORT ?= 8000
 TOP_K ?= 64
+KV_GIB ?= 2
 serve-teacher: $(VLLM_STAMP)
 	@test -n "$(MODEL)" || { echo "kdtune: error: MODEL: set MODEL=/path/to/a/Hugging Face folder" >&2; exit 2; }
-	VLLM_TARGET_DEVICE=cpu $(VLLM_VENV)/bin/vllm serve $(MODEL) --served-model-name $(NAME) --host 127.0.0.1 \
-		--port $(PORT) --max-logprobs $(TOP_K) $(ARGS)
+	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=$(KV_GIB) $(VLLM_VENV)/bin/vllm serve $(MODEL) \
+		--served-model-name $(NAME) --host 127.0.0.1 --port $(PORT) --max-logprobs $(TOP_K) $(ARGS)
 
 # The tests against a real vLLM server (SmolLM2-135M-Instruct, started once by the tests' fixture).
 test-vllm: $(STAMP) $(VLLM_STAMP)
