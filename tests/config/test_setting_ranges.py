@@ -26,7 +26,7 @@ CONFIG = {"full_finetune_single_device": "tiny/full_finetune_single_device",
           "cache_teacher_logits": "tiny/cache_teacher_logits", "generate": "tiny/generate",
           "eleuther_eval": "tiny/eval", "prune": "tiny/prune"}
 VALIDATION = {"validation.dataset": "{_component_: alpaca, data_files: x.json}", "validation.every_n_steps": "2"}
-SERVER = {"teacher_server.base_url": "http://127.0.0.1:9/v1", "teacher_server.model": "t"}  # its required keys
+SERVER = {"base_url": "http://127.0.0.1:9/v1", "model": "t"}  # the required keys of a served model's node
 
 
 def walk(cls, prefix=""):
@@ -70,8 +70,9 @@ def test_a_value_just_outside_the_range_is_one_line(recipe, key, value, tmp_path
     argv = ["--config", config, f"output_dir={tmp_path / 'out'}"]
     if key.startswith("validation.") and key != "validation.dataset" or key == "validation.every_n_steps":
         argv += [f"+{k}={v}" for k, v in VALIDATION.items() if k != key]
-    if key.startswith("teacher_server."):
-        argv += [f"+{k}={v}" for k, v in SERVER.items() if k != key]
+    node, _, name = key.partition(".")
+    if node in ("teacher_server", "student_server"):
+        argv += [f"+{node}.{k}={v}" for k, v in SERVER.items() if k != name]
     argv.append(override(cfg, key, value))
     code, err = run_in_process(recipe, argv, capsys)
     lines = err.strip().splitlines()
