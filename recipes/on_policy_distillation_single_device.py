@@ -9,9 +9,9 @@ with the output projections; ``kd_ratio < 1`` mixes cross-entropy in on the data
 ``lmbda_end`` moves ``lmbda`` linearly over the run. ``on_policy_loss: sampled_reverse_kl`` scores
 the student's own completions instead by the sampled-token reverse KL, a policy gradient that needs
 only the teacher's log-probability of each sampled token (see kdtune/losses/sampled_kl.py).
-With ``teacher_server`` a vLLM-served teacher grades the completions by its top-k rows; with
-``student_server`` vLLM samples a LoRA student's completions from its adapter, pushed every
-``sync_every_n_steps`` (docs/serving.md).
+With ``teacher_server`` a vLLM-served teacher grades the completions (its top-k rows, or each sampled
+token's log-probability); with ``student_server`` vLLM samples a LoRA student's completions from
+its adapter, pushed every ``sync_every_n_steps`` (docs/serving.md).
 
 The training step is this file: copy it (``kdtune cp on_policy_distillation_single_device my_gkd.py``)
 and edit it — how completions are chosen, the loss on them, a metric of your own. kdtune supplies the
@@ -39,10 +39,14 @@ from kdtune.training.on_policy import OnPolicyBatches, check_plain_sampling, che
 def main(cfg, s):
     # 1. Settings, output folder and prompts: everything that can be checked before a weight loads.
     run = training.RunContext(cfg, s)
-    if s.teacher_server and (s.seq_kd or s.on_policy_loss == "sampled_reverse_kl"):
-        raise KDTuneError("teacher_server: a served teacher grades the student's completions with its top-k "
-                          "rows (on_policy_loss: divergence); seq_kd and sampled_reverse_kl need the teacher "
-                          "itself (teacher_checkpointer)")
+    if s.teacher_server and s.seq_kd:
+        raise KDTuneError("seq_kd: the teacher writes completions with kdtune's sampler, so it needs the "
+                          "teacher itself (teacher_checkpointer), not teacher_server")
+    if s.student_server and s.on_policy_loss == "sampled_reverse_kl" and s.student_server.sync_every_n_steps > 1 \
+            and s.generation.temperature != 1:
+        raise KDTuneError("student_server.sync_every_n_steps: samples from an adapter older than the student "
+                          "are weighted by the server's log-probabilities, which vLLM gives at temperature 1; "
+                          "with generation.temperature != 1 push the adapter every step (sync_every_n_steps: 1)")
     kd = training.distillation_parts(cfg)  # a served teacher is asked here whether it is the one
     if kd.teacher_cache:
         raise KDTuneError("teacher_logits_cache: on-policy distillation grades the student's own samples, "
@@ -117,6 +121,8 @@ def main(cfg, s):
 
     def teacher_logprobs(teacher_hidden, teacher_weight, labels):
         """The teacher's log-probability of each labelled token (all the sampled estimator needs of it)."""
+        if teacher_weight is None:  # a served teacher's rows carry them
+            return teacher_hidden.label_logprobs
         with torch.no_grad():
             keep = labels != -100
             return token_logprobs(teacher_hidden[keep], teacher_weight, labels[keep],
@@ -172,7 +178,8 @@ def main(cfg, s):
                     if sampled_kl is not None and batch["student_written"]:  # a policy gradient on its own tokens
                         scores = teacher_logprobs(teacher_hidden, teacher_weight, batch["labels"])
                         kd_term, estimate = sampled_kl(hidden, student.output_weight, scores, batch["labels"],
-                                                       num_tokens=num_tokens, sampling_temperature=sampling_temperature)
+                                                       num_tokens=num_tokens, sampling_temperature=sampling_temperature,
+                                                       behavior_logprobs=batch.get("behavior_logprobs"))
                         ce = torch.zeros_like(estimate)
                     else:
                         ce, kd_term = kd_loss(hidden, student.output_weight, teacher_hidden, teacher_weight,

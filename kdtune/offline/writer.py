@@ -98,8 +98,11 @@ class CacheWriter:
     def write_served(self, teacher, *, batch_size: int) -> None:
         """`write` with a served teacher (`kdtune.serving.ServedTeacher`): ``batch_size`` samples'
         requests are in flight together."""
-        self._write_all(lambda samples: tuple(torch.cat(part) for part in zip(*teacher.sample_rows(samples))),
-                        batch_size)
+        def rows(samples):
+            per_sample = teacher.sample_rows(samples)
+            return torch.cat([row[0] for row in per_sample]), torch.cat([row[1] for row in per_sample])
+
+        self._write_all(rows, batch_size)
 
     def _write_all(self, rows, batch_size: int) -> None:
         lengths, per_shard = self.summary.lengths, self.index["samples_per_shard"]

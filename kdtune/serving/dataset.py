@@ -25,4 +25,4 @@ class ServedTeacherDataset:
     def __getitems__(self, indices: list[int]) -> list[dict]:
         samples = [self.dataset[i] for i in indices]
         rows = self.teacher.sample_rows(samples)
-        return [{**s, "teacher_logprobs": lp, "teacher_ids": ids} for s, (lp, ids) in zip(samples, rows)]
+        return [{**s, "teacher_logprobs": lp, "teacher_ids": ids} for s, (lp, ids, _) in zip(samples, rows)]

@@ -64,17 +64,21 @@ class ServedSampler:
         return f"{self.name}-v{version}"
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_k: int | None,
-               top_p: float | None, stop_ids, seed: int) -> list[list[int]]:
+               top_p: float | None, stop_ids, seed: int) -> tuple[list[list[int]], list[list[float]]]:
         """One completion per prompt (token ids, through the first stop token), sampled by the server
-        from the pushed adapter; request i is seeded with ``seed + i``, so a rerun draws the same."""
+        from the pushed adapter, and the adapter's log-probability of each sampled token (at
+        temperature 1: vLLM's raw log-probabilities). Request i is seeded with ``seed + i``, so a
+        rerun draws the same."""
         body = {"model": self._name(self.version), "max_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": 1.0 if top_p is None else top_p, "top_k": -1 if top_k is None else top_k,
-                "stop_token_ids": list(stop_ids), "return_token_ids": True, "skip_special_tokens": False}
+                "stop_token_ids": list(stop_ids), "return_token_ids": True, "skip_special_tokens": False,
+                "logprobs": 0}
 
         def one(i):
-            answer = self.client.post("/v1/completions", {**body, "prompt": prompts[i], "seed": seed + i})
-            return list(answer["choices"][0]["token_ids"])
+            choice = self.client.post("/v1/completions", {**body, "prompt": prompts[i], "seed": seed + i})["choices"][0]
+            return list(choice["token_ids"]), list(choice["logprobs"]["token_logprobs"])
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="student-server")
-        return list(self._pool.map(one, range(len(prompts))))
+        answers = list(self._pool.map(one, range(len(prompts))))
+        return [ids for ids, _ in answers], [lps for _, lps in answers]

@@ -10,6 +10,7 @@ own token beside the top k when it ranks lower; only ranks 1..k are kept.
 """
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -95,12 +96,14 @@ class ServedTeacher:
                 "prompt_logprobs": self.top_k}
         return self.client.post("/v1/completions", body)["choices"][0]["prompt_logprobs"]
 
-    def sequence_rows(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence_rows(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, ...]:
         """Top-k log-probabilities (float32, at the KD temperature) and ids, ``[len(positions), k]``,
-        of the distributions that predict ``tokens[t + 1]`` for each t in ``positions``."""
+        of the distributions that predict ``tokens[t + 1]`` for each t in ``positions``, and the
+        log-probability of ``tokens[t + 1]`` itself ``[len(positions)]`` (temperature 1: what the
+        sampled-token estimator scores)."""
         k = self.top_k
         if not positions:
-            return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.long), torch.empty(0)
         if self.max_model_len is not None and len(tokens) > self.max_model_len:
             raise KDTuneError(f"teacher_server: a sample of {len(tokens)} tokens is longer than the server's "
                               f"max_model_len {self.max_model_len}; shorten the dataset's max_seq_len or serve "
@@ -108,7 +111,9 @@ class ServedTeacher:
         entries = self._prompt_logprobs(tokens[: max(positions) + 2])
         values = torch.empty(len(positions), k, dtype=torch.float64)
         ids = torch.empty(len(positions), k, dtype=torch.long)
+        own = torch.empty(len(positions))
         for row, t in enumerate(positions):
+            own[row] = entries[t + 1][str(tokens[t + 1])]["logprob"]  # always there, whatever its rank
             top = sorted(((e["rank"], int(i), e["logprob"]) for i, e in entries[t + 1].items()
                           if e.get("rank") is not None and e["rank"] <= k))[:k]
             if len(top) < k:
@@ -120,9 +125,9 @@ class ServedTeacher:
             raise KDTuneError(f"teacher_server: the server ranked id {int(ids.max())}, outside the student's "
                               f"{self.vocab_size:,}-token vocabulary, among its top {k}")
         values = values.clamp_max(0.0)  # a lone candidate can come back as +1e-7
-        return temper_topk(values, self.temperature, self.vocab_size), ids
+        return temper_topk(values, self.temperature, self.vocab_size), ids, own.clamp_max(0.0)
 
-    def sample_rows(self, samples: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def sample_rows(self, samples: list[dict]) -> list[tuple[torch.Tensor, ...]]:
         """`sequence_rows` of each sample's trained positions (label != -100), in order; packed
         samples (``seq_lens``) send each packed sequence on its own. Requests run concurrently."""
         jobs = []  # (sample index, tokens, positions) per request
@@ -140,17 +145,26 @@ class ServedTeacher:
         per_sample: list[list] = [[] for _ in samples]
         for (index, _, _), rows in zip(jobs, results):
             per_sample[index].append(rows)
-        return [(torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])) for parts in per_sample]
+        return [tuple(torch.cat(column) for column in zip(*parts)) for parts in per_sample]
 
-    def batch_topk(self, batch: dict) -> TeacherTopK:
-        """The rows of a right-padded ``tokens``/``labels`` batch (the student's own completions) as a
-        :class:`TeacherTopK` ``[B, S, k]`` on the batch's device, filled at its trained positions."""
+    def batch_topk(self, batch: dict) -> "ServedRows":
+        """The rows of a right-padded ``tokens``/``labels`` batch (the student's own completions) as
+        `ServedRows` ``[B, S, k]`` on the batch's device, filled at its trained positions."""
         tokens, labels = batch["tokens"], batch["labels"]
         trained = labels != IGNORE_INDEX
         samples = [{"tokens": t.tolist(), "labels": lab.tolist()} for t, lab in zip(tokens.cpu(), labels.cpu())]
         rows = self.sample_rows(samples)
         logprobs = torch.zeros(*labels.shape, self.top_k)
         ids = torch.zeros(*labels.shape, self.top_k, dtype=torch.long)
-        logprobs[trained.cpu()] = torch.cat([lp for lp, _ in rows])
-        ids[trained.cpu()] = torch.cat([i for _, i in rows])
-        return TeacherTopK(logprobs.to(tokens.device), ids.to(tokens.device))
+        logprobs[trained.cpu()] = torch.cat([row[0] for row in rows])
+        ids[trained.cpu()] = torch.cat([row[1] for row in rows])
+        own = torch.cat([row[2] for row in rows])
+        return ServedRows(logprobs.to(tokens.device), ids.to(tokens.device), own.to(tokens.device))
+
+
+@dataclass(frozen=True)
+class ServedRows(TeacherTopK):
+    """A served teacher's top-k rows, plus its log-probability (temperature 1) of each trained token
+    ``[N]``, in the row-major order of the trained positions."""
+
+    label_logprobs: torch.Tensor | None = None

@@ -47,14 +47,15 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], *, 
     """Right-padded ``tokens``/``labels`` of prompt + completion rows in which only completion tokens
     are learned, up to and including the first stop token: prompts, anything after that stop token
     and padding are ignored."""
-    stops = set(stop_ids)
-
-    def through_first_stop(ids: list[int]) -> list[int]:
-        end = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
-        return list(ids[:end])
-
-    samples = [prompt_completion_sample(p, through_first_stop(c)) for p, c in zip(prompts, completions)]
+    samples = [prompt_completion_sample(p, through_first_stop(c, stop_ids)) for p, c in zip(prompts, completions)]
     return collate(samples, pad_id)
+
+
+def through_first_stop(ids: list[int], stop_ids) -> list[int]:
+    """``ids`` up to and including the first stop token."""
+    stops = set(stop_ids)
+    end = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
+    return list(ids[:end])
 
 
 def unpadded_prompts(batch: dict) -> list[list[int]]:
@@ -109,17 +110,21 @@ class OnPolicyBatches:
         metrics = {"lmbda": lmbda, "on_policy_fraction": self.on_policy_steps / self.steps}
         batches, rows, generated, seconds = [], 0, 0, 0.0
         for batch in micro:
-            prompts = unpadded_prompts(batch)
+            prompts, behavior = unpadded_prompts(batch), None
             if source == "dataset":
                 completions = [c[: self.generation["max_new_tokens"]] for c in batch["completions"]]
             elif source == "student" and self.sampler is not None:
                 start = time.perf_counter()
                 seed = int(torch.randint(0, 2**31 - 1 - len(prompts), (), generator=self.sampling,
                                          device=self.sampling.device))  # saved with the state: a resume redraws it
-                completions = self.sampler.sample(prompts, stop_ids=self.stop_ids, seed=seed, **self.generation)
+                completions, logprobs = self.sampler.sample(prompts, stop_ids=self.stop_ids, seed=seed,
+                                                            **self.generation)
                 seconds += time.perf_counter() - start
                 rows, generated = rows + len(prompts), generated + sum(map(len, completions))
                 metrics["adapter_version"] = self.sampler.version  # which pushed weights wrote them
+                if self.sampler.version != self.steps:  # an older adapter wrote them: weight by its probabilities
+                    behavior = torch.tensor([lp for c, lps in zip(completions, logprobs)
+                                             for lp in lps[:len(through_first_stop(c, self.stop_ids))]])
             else:
                 start = time.perf_counter()
                 out = generate(self.student if source == "student" else self.teacher, prompts,
@@ -129,6 +134,8 @@ class OnPolicyBatches:
                 completions = out.completions
                 rows, generated = rows + len(prompts), generated + int(out.completion_lens.sum())
             train = completion_batch(prompts, completions, stop_ids=self.stop_ids, pad_id=self.pad_id)
+            if behavior is not None:
+                train["behavior_logprobs"] = behavior  # one per learned token, in the labels' order
             batches.append({**train, "generated": source != "dataset", "student_written": source == "student"})
         if rows:
             metrics["generated_length_mean"] = generated / rows

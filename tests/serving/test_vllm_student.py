@@ -11,7 +11,8 @@ import kdtune
 from kdtune.checkpointing import load_peft_adapter
 from kdtune.datasets import arithmetic_rows
 from kdtune.generation import generate
-from kdtune.serving import ServerClient
+from kdtune.modules.lora import apply_lora, lora_modules
+from kdtune.serving import ServedSampler, ServerClient
 from kdtune.training import read_metrics
 from tests.cli_utils import assert_user_error, run_kdtune
 from tests.serving.conftest import small_llama
@@ -78,3 +79,43 @@ def test_a_full_weight_student_or_a_server_without_lora_is_one_line(vllm_server,
     assert_user_error(proc, "student_server: vLLM samples a LoRA student (model.lora_rank)")
     proc = run_kdtune(*gkd_args(tmp_path, "nolora", vllm_server, checkpoint, prompts))  # served without --enable-lora
     assert_user_error(proc, "student_server: the server at", "did not load the student's adapter")
+
+
+def test_the_servers_log_probabilities_of_its_samples_are_the_adapters(vllm_lora_server, tmp_path):
+    """What weights samples from an older adapter (sampled_reverse_kl with sync_every_n_steps > 1):
+    the server's log-probability of each sampled token is the pushed adapter's, as kdtune computes it."""
+    checkpoint = vllm_lora_server["checkpoint"]
+    tok = kdtune.load_tokenizer(checkpoint)
+    student = apply_lora(kdtune.load_model(checkpoint), lora_rank=8, lora_alpha=16)
+    torch.manual_seed(0)
+    for module in lora_modules(student).values():
+        torch.nn.init.normal_(module.lora_b.weight, std=0.02)  # an adapter that changes the model
+    sampler = ServedSampler(base_url=vllm_lora_server["base_url"], model=vllm_lora_server["model"],
+                            adapter_dir=tmp_path / "adapters")
+    sampler.check(tok)
+    sampler.push(student, 1)
+    prompts = [tok.encode(f"What is {i} + {2 * i}?") for i in range(4)]
+    completions, logprobs = sampler.sample(prompts, max_new_tokens=8, temperature=1.0, top_k=None, top_p=None,
+                                           stop_ids=tok.eos_ids, seed=3)
+    sampler.close()
+    for prompt, completion, served in zip(prompts, completions, logprobs):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = student(ids)[0, len(prompt) - 1:-1].double()
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(served, dtype=torch.float64), expected, atol=2e-3, rtol=0)
+
+
+def test_sampled_reverse_kl_from_a_served_teacher_and_older_adapters_runs(vllm_server, vllm_lora_server, prompts,
+                                                                          tmp_path):
+    checkpoint = vllm_lora_server["checkpoint"]
+    args = [a for a in gkd_args(tmp_path, "sampled", vllm_lora_server, checkpoint, prompts,
+                                "+student_server.sync_every_n_steps=2", "on_policy_loss=sampled_reverse_kl",
+                                "~teacher_checkpointer", f"+teacher_server.base_url={vllm_server['base_url']}",
+                                f"+teacher_server.model={vllm_server['model']}")
+            if not a.startswith("teacher_checkpointer.")]
+    proc = run_kdtune(*args)
+    assert proc.returncode == 0, proc.stderr
+    metrics = read_metrics(tmp_path / "sampled" / "metrics.jsonl")
+    assert [m["adapter_version"] for m in metrics] == [1, 1, 3]
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["kd_loss"]])).all() for m in metrics)

@@ -67,12 +67,17 @@ def test_served_top_k_rows_equal_the_local_teachers(vllm_server, chats):
                            vocab_size=tok.vocab_size)
     server.check(tok)
     samples = [chat_dataset(tok, data_files=str(chats), source="jsonl")[i] for i in range(6)]
-    for sample, (logprobs, ids) in zip(samples, server.sample_rows(samples)):
+    for sample, (logprobs, ids, own) in zip(samples, server.sample_rows(samples)):
         batch = {"tokens": torch.tensor([sample["tokens"]]), "labels": torch.tensor([sample["labels"]])}
         want, want_ids = teacher_topk(teacher, batch, teacher.output_weight, K, 1.0)
         same = (ids == want_ids).all(-1)
         assert same.float().mean() > 0.95  # a near-tie may swap two neighbours
         torch.testing.assert_close(logprobs[same], want[same], atol=1e-4, rtol=0)
+        # and each trained token's own log-probability, what the sampled-token estimator scores
+        hidden = teacher(batch["tokens"], return_hidden=True)[batch["labels"] != -100]
+        labels = batch["labels"][batch["labels"] != -100]
+        expected = (hidden @ teacher.output_weight.T).log_softmax(-1).gather(-1, labels[:, None])[:, 0]
+        torch.testing.assert_close(own, expected.detach(), atol=1e-4, rtol=0)
 
 
 def test_a_cache_from_the_server_equals_one_from_the_local_teacher(vllm_server, chats, tmp_path):
