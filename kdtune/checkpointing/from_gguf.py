@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdtune.checkpointing import spm
 from kdtune.checkpointing.atomic import atomic_directory
 from kdtune.checkpointing.gguf_names import HF_MODEL, gemma_attention_scalar, hf_name, llama_unpermute
 from kdtune.checkpointing.hf_format import CONFIG, dtype_name, write_weights
@@ -142,13 +143,25 @@ def _rope_scaling(meta: Metadata, arch: str, tensors: dict) -> dict | None:
 
 
 def tokenizer_files(meta: Metadata) -> tuple[dict, dict]:
-    """(tokenizer.json, tokenizer_config.json) contents for a GGUF byte-level BPE vocabulary."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
+    """(tokenizer.json, tokenizer_config.json) contents for a GGUF vocabulary: byte-level BPE (``gpt2``)
+    or sentencepiece-style (``llama``)."""
     kind = meta.need("tokenizer.ggml.model")
+    if kind == "llama":
+        tokens = meta.need("tokenizer.ggml.tokens")
+        spec = spm.tokenizer_json(
+            tokens, meta.need("tokenizer.ggml.scores"), meta.get("tokenizer.ggml.token_type") or [1] * len(tokens),
+            add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+            unk_id=meta.get("tokenizer.ggml.unknown_token_id"), bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+            add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+        return spec, _tokenizer_config(meta, tokens, bool(meta.get("tokenizer.ggml.add_bos_token", True)))
     if kind != "gpt2":
         raise KDTuneError(f"{meta.path}: tokenizer type '{kind}' is not supported by kdtune convert (only "
-                          f"byte-level BPE, 'gpt2', as Llama 3, Qwen and SmolLM2 use)")
+                          f"byte-level BPE, 'gpt2', as Llama 3, Qwen and SmolLM2 use, and sentencepiece-style, "
+                          f"'llama', as Llama 2, Mistral, Phi-3-mini and Gemma use)")
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
     pre = meta.get("tokenizer.ggml.pre", "gpt2")
     if pre not in _PRE_TOKENIZERS:
         raise KDTuneError(f"{meta.path}: pre-tokenizer '{pre}' is not supported by kdtune convert "
@@ -181,6 +194,10 @@ def tokenizer_files(meta: Metadata) -> tuple[dict, dict]:
     added = [(i, t) for i, (t, kind_id) in enumerate(zip(tokens, types)) if kind_id in (_CONTROL, _USER_DEFINED)]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for i, t in added if types[i] == _CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for i, t in added if types[i] == _USER_DEFINED])
+    return json.loads(tok.to_str()), _tokenizer_config(meta, tokens, add_bos)
+
+
+def _tokenizer_config(meta: Metadata, tokens: list[str], add_bos: bool) -> dict:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
               "add_bos_token": add_bos, "model_max_length": meta.get(f"{meta.need('general.architecture')}"
                                                                      f".context_length", 2048)}
@@ -191,7 +208,7 @@ def tokenizer_files(meta: Metadata) -> tuple[dict, dict]:
     template = meta.get("tokenizer.chat_template")
     if template:
         config["chat_template"] = template
-    return json.loads(tok.to_str()), config
+    return config
 
 
 def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdtune.checkpointing import spm
 from kdtune.checkpointing.gguf_names import GGUF_ARCH, gemma_attention_scalar, gguf_name, llama_permute
 from kdtune.checkpointing.hf_format import CONFIG, iter_tensors, read_config
 from kdtune.errors import KDTuneError
@@ -133,26 +134,36 @@ def _vocabulary(folder: Path, rows: int) -> dict:
                           f"checkpoint folder)")
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise KDTuneError(f"{path}: a {model.get('type')} tokenizer without byte-level pre-tokenization (such as "
-                          f"sentencepiece-style ones) is not written by kdtune convert to-gguf; only byte-level "
-                          f"BPE (Llama 3, Qwen, SmolLM2, Phi-3.5-style GPT-2 vocabularies)")
+    sentencepiece_style = model.get("type") == "BPE" and model.get("byte_fallback")
+    if not sentencepiece_style and (model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer"))):
+        raise KDTuneError(f"{path}: a {model.get('type')} tokenizer that is neither byte-level BPE (Llama 3, Qwen, "
+                          f"SmolLM2) nor sentencepiece-style BPE with byte fallback (Llama 2, Mistral, Phi-3-mini, "
+                          f"Gemma) is not written by kdtune convert to-gguf")
     ids = {**model["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
     if max(ids.values()) >= rows:
         raise KDTuneError(f"{path}: token id {max(ids.values())} does not fit the model's {rows} embedding rows")
     tokens = [f"[PAD{i}]" for i in range(rows)]  # rows past the tokenizer: unused, as llama.cpp pads them
     types = [_TOKEN_UNUSED] * rows
-    for token, i in ids.items():
-        tokens[i], types[i] = token, _TOKEN_NORMAL
-    for added in spec.get("added_tokens", []):
-        types[added["id"]] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    original = Tokenizer.from_file(str(path))
+    if sentencepiece_style:  # pieces with scores, as llama.cpp's "llama" tokenizer merges them
+        pieces, piece_scores, piece_types = spm.pieces_of(spec)
+        scores = [0.0] * rows
+        tokens[:len(pieces)], scores[:len(pieces)], types[:len(pieces)] = pieces, piece_scores, piece_types
+        fields = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": scores,
+                  "tokenizer.ggml.add_space_prefix": spm.adds_space_prefix(original)}
+    else:
+        for token, i in ids.items():
+            tokens[i], types[i] = token, _TOKEN_NORMAL
+        for added in spec.get("added_tokens", []):
+            types[added["id"]] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER_DEFINED
+        fields = {"tokenizer.ggml.model": "gpt2",
+                  "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]}
+    fields.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                   "general.architecture": "kdtune"})
 
     tok_config_path = folder / "tokenizer_config.json"
     tok_config = json.loads(tok_config_path.read_text(encoding="utf-8")) if tok_config_path.is_file() else {}
     config = read_config(folder)
-    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-              "tokenizer.ggml.merges": merges, "general.architecture": "kdtune"}
     for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
         token_id = _token_id(ids, tok_config.get(f"{key}_token"))
         if token_id is None:
@@ -160,9 +171,10 @@ def _vocabulary(folder: Path, rows: int) -> dict:
             token_id = token_id[0] if isinstance(token_id, list) else token_id
         if token_id is not None:
             fields[f"tokenizer.ggml.{gguf_key}_token_id"] = int(token_id)
-    original = Tokenizer.from_file(str(path))
-    bos = fields.get("tokenizer.ggml.bos_token_id")
+    bos, eos = fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id")
     fields["tokenizer.ggml.add_bos_token"] = bos is not None and original.encode("a").ids[:1] == [bos]
+    if sentencepiece_style:
+        fields["tokenizer.ggml.add_eos_token"] = eos is not None and original.encode("a").ids[-1:] == [eos]
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -170,8 +182,28 @@ def _vocabulary(folder: Path, rows: int) -> dict:
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if template:
         fields["tokenizer.chat_template"] = template
-    fields["tokenizer.ggml.pre"] = _pre_tokenizer(fields, original, path)
+    if sentencepiece_style:
+        _check_pieces(fields, original, path)
+    else:
+        fields["tokenizer.ggml.pre"] = _pre_tokenizer(fields, original, path)
     return fields
+
+
+def _check_pieces(fields: dict, original, path: Path) -> None:
+    """The vocabulary as llama.cpp rebuilds it encodes the probes as ``original`` does (a text that
+    starts with a space aside: sentencepiece, and llama.cpp, put the space prefix before it anyway,
+    where some tokenizer.json files do not)."""
+    from tokenizers import Tokenizer
+
+    from kdtune.checkpointing.from_gguf import Metadata, tokenizer_files
+
+    spec, _ = tokenizer_files(Metadata(fields, path))
+    rebuilt = Tokenizer.from_str(json.dumps(spec))
+    for text in (probe.lstrip() for probe in PROBES):
+        if rebuilt.encode(text).ids != original.encode(text).ids:
+            raise KDTuneError(f"{path}: its sentencepiece-style vocabulary, as llama.cpp rebuilds it, encodes "
+                              f"{text[:40]!r} unlike the tokenizer (a normalizer llama.cpp does not run?); no GGUF "
+                              f"file was written")
 
 
 def _pre_tokenizer(fields: dict, original, path: Path) -> str:
@@ -195,10 +227,16 @@ def _pre_tokenizer(fields: dict, original, path: Path) -> str:
 
 def _write_vocabulary(writer, fields: dict) -> None:
     writer.add_tokenizer_model(fields["tokenizer.ggml.model"])
-    writer.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
+    if "tokenizer.ggml.pre" in fields:
+        writer.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
     writer.add_token_list(fields["tokenizer.ggml.tokens"])
     writer.add_token_types(fields["tokenizer.ggml.token_type"])
-    writer.add_token_merges(fields["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.merges" in fields:
+        writer.add_token_merges(fields["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.scores" in fields:
+        writer.add_token_scores(fields["tokenizer.ggml.scores"])
+        writer.add_add_space_prefix(fields["tokenizer.ggml.add_space_prefix"])
+        writer.add_add_eos_token(fields["tokenizer.ggml.add_eos_token"])
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("padding", writer.add_pad_token_id), ("unknown", writer.add_unk_token_id)):
         if f"tokenizer.ggml.{key}_token_id" in fields:

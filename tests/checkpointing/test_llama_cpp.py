@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import kdtune
-from tests.checkpointing.test_to_gguf import FAMILIES, ROWS, TEXTS, checkpoint, to_gguf
+from tests.checkpointing.test_to_gguf import FAMILIES, ROWS, TEXTS, checkpoint, mistral_checkpoint, random_texts, to_gguf
+from tests.cli_utils import ASSETS
 from tests.real.conftest import smollm2_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="make test-llama-cpp installs llama-cpp-python")
@@ -97,3 +98,15 @@ def test_llama_cpp_runs_the_real_student_as_kdtune_does(tmp_path):
             kl = (expected.exp() * (expected - got)).sum(-1).mean().item()
             assert kl < 0.02, kl
     shutil.rmtree(tmp_path / "hf")
+
+
+def test_llama_cpp_tokenizes_a_sentencepiece_vocabulary_as_sentencepiece(tmp_path):
+    """Mistral v0.3's real vocabulary, written as llama.cpp's 'llama' tokenizer, encodes in llama.cpp
+    exactly as sentencepiece encodes with the original tokenizer.model."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    path = to_gguf(mistral_checkpoint(tmp_path / "mistral"), tmp_path / "mistral.gguf", "f32")
+    model = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    engine = sentencepiece.SentencePieceProcessor(model_file=str(ASSETS / "mistral_v3_tokenizer" / "tokenizer.model"))
+    for text in TEXTS + random_texts(300) + ["  two leading spaces", " one", "a"]:
+        assert model.tokenize(text.encode(), add_bos=False, special=False) == engine.encode(text), text
+    assert model.tokenize(b"Hello world") == [1, *engine.encode("Hello world")]

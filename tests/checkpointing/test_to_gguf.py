@@ -212,3 +212,78 @@ def test_qwen25s_real_tokenizer_goes_out_as_qwen2(tmp_path):
     ours, theirs = kdtune.load_tokenizer(back), kdtune.load_tokenizer(folder)
     for text in TEXTS + ["def f(x):\n    return x  # 12345678\r\n", "I'm  THERE'S   they'll"]:
         assert ours.encode(text) == theirs.encode(text), text
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    """Texts of words, digits, whitespace runs, accents, CJK, emoji and dashes (byte fallback)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz ABC 0123456789 .,!?'\n\t éßø東京🙂Ω–—\"()"
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(list(alphabet), size=int(rng.integers(1, 60)))) for _ in range(n)]
+
+
+def mistral_checkpoint(folder):
+    """A small Mistral with the real Mistral v0.3 sentencepiece vocabulary (32,768 pieces)."""
+    from kdtune.checkpointing import write_random_checkpoint
+
+    config = {"model_type": "mistral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 32768,
+              "max_position_embeddings": 256, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+              "tie_word_embeddings": False, "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2}
+    write_random_checkpoint(config, folder, seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ASSETS / "mistral_v3_tokenizer" / name, folder / name)
+    return folder
+
+
+def test_a_sentencepiece_vocabulary_goes_out_as_llamas_and_tokenizes_as_sentencepiece(tmp_path):
+    """Mistral v0.3's real vocabulary is written as llama.cpp's 'llama' tokenizer (pieces, scores,
+    types, space prefix) and, read back, encodes as sentencepiece itself does with the original
+    tokenizer.model; transformers' GGUF loader agrees on texts that do not start with a space."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    path = to_gguf(mistral_checkpoint(tmp_path / "mistral"), tmp_path / "mistral.gguf", "q8_0")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.pre" not in fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    scores = fields["tokenizer.ggml.scores"].contents()
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and types[:4] == [2, 3, 3, 3]  # [INST] and its kind: control
+    assert tokens[771] == "<0x00>" and types[771] == types[1026] == 6 and types[1027] == 1 and scores[2000] < 0
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.add_eos_token"].contents() is False
+
+    engine = sentencepiece.SentencePieceProcessor(model_file=str(ASSETS / "mistral_v3_tokenizer" / "tokenizer.model"))
+    back = kdtune.load_tokenizer(from_gguf(path, tmp_path / "back"))
+    texts = TEXTS + random_texts(300) + ["  two leading spaces", " one", "", "a"]
+    for text in texts:
+        assert back.encode(text, add_special_tokens=False) == engine.encode(text), text
+    assert back.encode("Hello world") == [1, *engine.encode("Hello world")]
+
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in (t.lstrip() for t in texts):  # transformers does not prefix a text that starts with a space
+        assert theirs.encode(text, add_special_tokens=False) == engine.encode(text), text
+
+
+def test_a_sentencepiece_vocabulary_llama_cpp_would_rebuild_differently_is_refused(tmp_path):
+    folder = mistral_checkpoint(tmp_path / "mistral")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Lowercase"}, spec["normalizer"]]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    out = tmp_path / "x.gguf"
+    assert_user_error(run_kdtune("convert", "to-gguf", folder, out), "sentencepiece-style vocabulary",
+                      "no GGUF file was written")
+    assert not out.exists()
+
+
+def test_a_sentencepiece_vocabulary_without_the_space_prefix_goes_out_so(tmp_path):
+    """Gemma-style: spaces become ▁ but none is put before the text (add_space_prefix false)."""
+    folder = mistral_checkpoint(tmp_path / "mistral")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    path = to_gguf(folder, tmp_path / "gemma_style.gguf", "f16")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    back, original = kdtune.load_tokenizer(from_gguf(path, tmp_path / "back")), kdtune.load_tokenizer(folder)
+    for text in TEXTS + random_texts(100, seed=1):
+        assert back.encode(text) == original.encode(text), text
