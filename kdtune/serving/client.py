@@ -2,6 +2,7 @@
 errors, timeouts and 5xx answers; every failure that is left becomes one `KDTuneError` line naming
 the server, the route and what went wrong."""
 
+import http.client
 import json
 import socket
 import time
@@ -63,7 +64,7 @@ class ServerClient:
                     raise ServerError(f"{self.what}: {method} {url} answered {e.code}: {detail}", e.code,
                                       detail) from None
                 failure = f"{e.code}: {detail}"
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as e:
+            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 failure = str(reason) or type(reason).__name__
                 if isinstance(reason, (socket.timeout, TimeoutError)):

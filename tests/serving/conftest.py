@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -55,26 +54,48 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+class VLLMServer:
+    """``vllm serve checkpoint`` on a port of its own: started (waiting for /health), killed like a
+    crashed server, started again on the same port, stopped."""
+
+    def __init__(self, checkpoint: Path, log_dir: Path, *extra: str, env: dict | None = None):
+        self.command = os.environ.get("KDTUNE_VLLM")
+        if not self.command or not Path(self.command).exists():
+            pytest.skip("no vLLM: make test-vllm installs it and sets KDTUNE_VLLM")
+        self.checkpoint, self.log, self.port = checkpoint, log_dir / "server.log", free_port()
+        self.extra, self.process = extra, None
+        self.env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2",
+                    **(env or {})}
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.info = {"base_url": self.root + "/v1", "model": SERVED_NAME, "root": self.root, "checkpoint": checkpoint,
+                     "log": self.log}
+
+    def start(self) -> "VLLMServer":
+        args = [self.command, "serve", str(self.checkpoint), "--served-model-name", SERVED_NAME, "--host",
+                "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024", *self.extra]
+        with open(self.log, "a") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+        wait_healthy(self.root, self.process, self.log, START_TIMEOUT_S)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL to the server's whole process group, as a crash or an OOM kill would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+
 def serve(checkpoint, tmp_path_factory, *extra, env=None):
-    """Start ``vllm serve checkpoint`` on a free port; yield its description once /health answers;
-    always stop it."""
-    command = os.environ.get("KDTUNE_VLLM")
-    if not command or not Path(command).exists():
-        pytest.skip("no vLLM: make test-vllm installs it and sets KDTUNE_VLLM")
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2",
-           **(env or {})}
-    args = [command, "serve", str(checkpoint), "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
-            "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", *extra]
-    with open(log, "w") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    root = f"http://127.0.0.1:{port}"
+    """A started server's description; always stopped afterwards."""
+    server = VLLMServer(checkpoint, tmp_path_factory.mktemp("vllm"), *extra, env=env)
     try:
-        wait_healthy(root, process, log, START_TIMEOUT_S)
-        yield {"base_url": root + "/v1", "model": SERVED_NAME, "root": root, "checkpoint": checkpoint, "log": log}
+        yield server.start().info
     finally:
-        stop(process)
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -101,53 +122,3 @@ def small_llama(tokenizer_from: Path, out: Path, seed: int = 0) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(tokenizer_from / name, out / name)
     return out
-
-
-class Proxy:
-    """A TCP forwarder in front of the server that can be cut (as if the server died) after a number
-    of connections, and started again on the same port."""
-
-    def __init__(self, target_port: int, cut_after: int | None = None):
-        self.target_port, self.cut_after = target_port, cut_after
-        self.port = free_port()
-        self.connections = 0
-        self._listener: socket.socket | None = None
-
-    def start(self) -> "Proxy":
-        self._listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            if self.cut_after is not None and self.connections > self.cut_after:
-                client.close()
-                self.stop()  # from now on: connection refused
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass

@@ -3,6 +3,10 @@ it, KD and on-policy distillation from it, a server that dies mid-cache, and ser
 teacher to distill from. Real engine, real weights (SmolLM2-135M-Instruct); `make test-vllm`."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from kdtune.serving import ServedTeacher
 from kdtune.training import read_metrics
 from tests.cli_utils import ASSETS, assert_user_error, run_kdtune
 from tests.recipes.conftest import KD_ONE_AND_TWO_PROCESSES
-from tests.serving.conftest import Proxy, small_llama
+from tests.serving.conftest import VLLMServer, small_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real]
 K = 20
@@ -134,24 +138,30 @@ def test_on_policy_distillation_grades_the_students_samples_through_the_server(v
     assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) and m["loss"] > 0 for m in metrics)
 
 
-def test_a_server_lost_mid_cache_is_one_line_and_the_rerun_finishes_the_cache(vllm_server, chats, tmp_path):
-    port = int(vllm_server["root"].rsplit(":", 1)[1])
+def test_a_server_killed_mid_cache_is_one_line_and_the_rerun_finishes_the_cache(vllm_server, chats, tmp_path):
+    """A second real server, SIGKILLed once the cache has a shard on disk, then started again."""
     checkpoint = vllm_server["checkpoint"]
-    # the checks take 9 requests; then 3 shards' worth of single-sample requests, and the server is gone
-    proxy = Proxy(port, cut_after=9 + 12).start()
-    address = {"base_url": f"http://127.0.0.1:{proxy.port}/v1", "max_concurrency": 1, "retries": 1}
-    args = cache_args(tmp_path, "cache", chats, checkpoint, "batch_size=1", *served(vllm_server, **address))
-    proc = run_kdtune(*args)
-    assert_user_error(proc, "teacher_server: cannot reach", f"127.0.0.1:{proxy.port}")
-    written = sorted(p.name for p in (tmp_path / "cache").glob("shard-*"))
-    assert 0 < len(written) < 6 and not list((tmp_path / "cache").glob(".*.tmp"))
-    proxy.cut_after = None
-    proxy.connections = 0
-    proxy.start()
+    server = VLLMServer(checkpoint, tmp_path, "--max-logprobs", "64").start()
     try:
+        options = {"base_url": server.info["base_url"], "max_concurrency": 1, "retries": 1}
+        args = cache_args(tmp_path, "cache", chats, checkpoint, "batch_size=1", *served(vllm_server, **options))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("KDTUNE_DEBUG", None)
+        run = subprocess.Popen([sys.executable, "-m", "kdtune.cli.main", *map(str, args)], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "cache").glob("shard-*")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.kill()
+        stdout, stderr = run.communicate(timeout=300)
+        proc = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+        assert_user_error(proc, "teacher_server: cannot reach", server.info["base_url"])
+        written = sorted(p.name for p in (tmp_path / "cache").glob("shard-*"))
+        assert 0 < len(written) < 6 and not list((tmp_path / "cache").glob(".*.tmp"))
+        server.start()  # the same port
         proc = run_kdtune(*args)
     finally:
-        proxy.stop()
+        server.stop()
     assert proc.returncode == 0, proc.stderr
     full = run_kdtune(*cache_args(tmp_path, "whole", chats, checkpoint, *served(vllm_server)))
     assert full.returncode == 0, full.stderr
