@@ -66,7 +66,7 @@ def cache_from_server(cfg, s, tokenizer):
     if s.top_k != s.teacher_server.top_k:
         raise KDTuneError(f"top_k: {s.top_k} is not teacher_server.top_k ({s.teacher_server.top_k}), what the "
                           f"server is asked for; set both alike")
-    teacher = training.served_teacher(s.teacher_server, tokenizer, s.temperature, top_k=s.top_k)
+    teacher = training.served_teacher(s.teacher_server, tokenizer, s.temperature)
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
     writer = offline.CacheWriter(
         s.output_dir, dataset, tokenizer, top_k=s.top_k, temperature=s.temperature, logprob_dtype=s.logprob_dtype,

@@ -100,27 +100,28 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TeacherServerSettings:
-    """A teacher served by vLLM (or SGLang) over the OpenAI-compatible API, in place of its checkpoint."""
+class ServerSettings:
+    """A model served by vLLM (or SGLang) over the OpenAI-compatible API."""
 
     base_url: str = setting(check=text(), help="the API root, e.g. http://127.0.0.1:8000/v1")
     model: str = setting(check=text(), help="the served model's name (vllm serve --served-model-name)")
-    top_k: int = setting(20, integer(1), "log-probabilities per token (vLLM allows 20 unless --max-logprobs)")
     max_concurrency: int = setting(8, integer(1), "requests in flight at once")
     timeout_s: float = setting(120.0, number(0, above=True), "seconds a request may take")
     retries: int = setting(3, integer(0), "more tries after a connection error, timeout or 5xx, with backoff")
 
 
 @dataclass(frozen=True, kw_only=True)
-class StudentServerSettings:
+class TeacherServerSettings(ServerSettings):
+    """A served teacher, in place of its checkpoint."""
+
+    top_k: int = setting(20, integer(1), "log-probabilities per token (vLLM allows 20 unless --max-logprobs)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentServerSettings(ServerSettings):
     """vLLM serving the LoRA student's base model (--enable-lora): it samples the on-policy completions."""
 
-    base_url: str = setting(check=text(), help="the API root, e.g. http://127.0.0.1:8001/v1")
-    model: str = setting(check=text(), help="the served base model's name (vllm serve --served-model-name)")
     sync_every_n_steps: int = setting(1, integer(1), "push the trained adapter to the server this often")
-    max_concurrency: int = setting(8, integer(1), "requests in flight at once")
-    timeout_s: float = setting(120.0, number(0, above=True), "seconds a request may take")
-    retries: int = setting(3, integer(0), "more tries after a connection error, timeout or 5xx, with backoff")
 
 
 @dataclass(frozen=True, kw_only=True)

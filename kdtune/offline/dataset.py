@@ -63,11 +63,15 @@ def collate_with_teacher_topk(samples: list[dict], pad_id: int) -> dict:
     """`collate`, plus ``teacher_topk``: a :class:`TeacherTopK` ``[B, S, k]`` whose rows at trained
     positions are the samples' cached rows (elsewhere log-probability 0 and id 0, never read)."""
     batch = collate(samples, pad_id)
-    trained = batch["labels"] != IGNORE_INDEX
-    k = samples[0]["teacher_ids"].shape[-1]
-    logprobs = torch.zeros(*trained.shape, k, dtype=samples[0]["teacher_logprobs"].dtype)
-    ids = torch.zeros(*trained.shape, k, dtype=torch.long)
-    logprobs[trained] = torch.cat([s["teacher_logprobs"] for s in samples])
-    ids[trained] = torch.cat([s["teacher_ids"] for s in samples])
-    batch["teacher_topk"] = TeacherTopK(logprobs, ids)
+    logprobs, ids = (torch.cat([s[key] for s in samples]) for key in ("teacher_logprobs", "teacher_ids"))
+    batch["teacher_topk"] = rows_at(batch["labels"] != IGNORE_INDEX, logprobs, ids)
     return batch
+
+
+def rows_at(trained: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor) -> TeacherTopK:
+    """A :class:`TeacherTopK` ``[B, S, k]`` holding the rows ``[N, k]`` at the N positions where
+    ``trained`` ``[B, S]`` is True, in row-major order (elsewhere log-probability 0 and id 0, never read)."""
+    full_logprobs = logprobs.new_zeros(*trained.shape, logprobs.shape[-1])
+    full_ids = ids.new_zeros(*trained.shape, ids.shape[-1])
+    full_logprobs[trained], full_ids[trained] = logprobs, ids
+    return TeacherTopK(full_logprobs, full_ids)

@@ -8,6 +8,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from kdtune.errors import KDTuneError
 
@@ -27,10 +28,18 @@ class ServerClient:
     it (``/tokenize``, ``/health``) are taken from the server's root."""
 
     def __init__(self, base_url: str, *, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5,
-                 what: str = "teacher_server"):
+                 max_concurrency: int = 8, what: str = "teacher_server"):
         self.api = base_url.rstrip("/")
         self.root = self.api[: -len("/v1")] if self.api.endswith("/v1") else self.api
         self.timeout_s, self.retries, self.backoff_s, self.what = timeout_s, retries, backoff_s, what
+        self.max_concurrency = max_concurrency
+        self._pool: ThreadPoolExecutor | None = None
+
+    def map(self, fn, items) -> list:
+        """``[fn(item) for item in items]`` with up to ``max_concurrency`` calls in flight, in order."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix=self.what)
+        return list(self._pool.map(fn, items))
 
     def get(self, route: str):
         return self._call("GET", route, None)

@@ -9,7 +9,6 @@ more than sampling natively at the sizes that train on one device.
 """
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kdtune.checkpointing.peft import save_peft_adapter
@@ -21,15 +20,15 @@ from kdtune.serving.teacher import check_served_model
 class ServedSampler:
     def __init__(self, *, base_url: str, model: str, adapter_dir: str | Path, sync_every_n_steps: int = 1,
                  max_concurrency: int = 8, timeout_s: float = 120.0, retries: int = 3, name: str = "kdtune-student"):
-        self.client = ServerClient(base_url, timeout_s=timeout_s, retries=retries, what="student_server")
+        self.client = ServerClient(base_url, timeout_s=timeout_s, retries=retries, max_concurrency=max_concurrency,
+                                   what="student_server")
         self.model, self.adapter_dir, self.name = model, Path(adapter_dir), name
-        self.sync_every_n_steps, self.max_concurrency = sync_every_n_steps, max_concurrency
+        self.sync_every_n_steps = sync_every_n_steps
         self.version: int | None = None  # the step whose weights the server holds; None: nothing pushed yet
-        self._pool: ThreadPoolExecutor | None = None
 
     def check(self, tokenizer) -> None:
         """The server is up, serves the student's base model and tokenizes as ``tokenizer`` does."""
-        self.max_model_len = check_served_model(self.client, self.model, tokenizer, "student_server")
+        check_served_model(self.client, self.model, tokenizer, "student_server")
 
     def stale(self, step: int) -> bool:
         """Whether the adapter must be pushed before sampling step ``step`` (1-based): nothing pushed
@@ -78,7 +77,5 @@ class ServedSampler:
             choice = self.client.post("/v1/completions", {**body, "prompt": prompts[i], "seed": seed + i})["choices"][0]
             return list(choice["token_ids"]), list(choice["logprobs"]["token_logprobs"])
 
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="student-server")
-        answers = list(self._pool.map(one, range(len(prompts))))
+        answers = self.client.map(one, range(len(prompts)))
         return [ids for ids, _ in answers], [lps for _, lps in answers]

@@ -9,7 +9,6 @@ trained position t (whose label is token t + 1) takes entry t + 1. The server re
 own token beside the top k when it ranks lower; only ranks 1..k are kept.
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from kdtune.datasets import IGNORE_INDEX
 from kdtune.errors import KDTuneError
 from kdtune.losses import TeacherTopK
+from kdtune.offline.dataset import rows_at
 from kdtune.serving.client import ServerClient, ServerError
 from kdtune.serving.temperature import temper_topk
 
@@ -63,11 +63,9 @@ class ServedTeacher:
 
     def __init__(self, *, base_url: str, model: str, top_k: int = 20, max_concurrency: int = 8,
                  timeout_s: float = 120.0, retries: int = 3, temperature: float = 1.0, vocab_size: int):
-        self.client = ServerClient(base_url, timeout_s=timeout_s, retries=retries)
+        self.client = ServerClient(base_url, timeout_s=timeout_s, retries=retries, max_concurrency=max_concurrency)
         self.model, self.top_k, self.temperature, self.vocab_size = model, top_k, temperature, vocab_size
-        self.max_concurrency = max_concurrency
         self.max_model_len: int | None = None
-        self._pool: ThreadPoolExecutor | None = None
 
     def describe(self) -> dict:
         """What a cache records of this teacher (the address is not part of it: a restarted server
@@ -139,9 +137,7 @@ class ServedTeacher:
                 jobs.append((index, tokens[part.start:part.stop],
                              [t - start for t in part if labels[t] != IGNORE_INDEX]))
                 start += length
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="teacher-server")
-        results = list(self._pool.map(lambda job: self.sequence_rows(job[1], job[2]), jobs))
+        results = self.client.map(lambda job: self.sequence_rows(job[1], job[2]), jobs)
         per_sample: list[list] = [[] for _ in samples]
         for (index, _, _), rows in zip(jobs, results):
             per_sample[index].append(rows)
@@ -151,15 +147,10 @@ class ServedTeacher:
         """The rows of a right-padded ``tokens``/``labels`` batch (the student's own completions) as
         `ServedRows` ``[B, S, k]`` on the batch's device, filled at its trained positions."""
         tokens, labels = batch["tokens"], batch["labels"]
-        trained = labels != IGNORE_INDEX
         samples = [{"tokens": t.tolist(), "labels": lab.tolist()} for t, lab in zip(tokens.cpu(), labels.cpu())]
-        rows = self.sample_rows(samples)
-        logprobs = torch.zeros(*labels.shape, self.top_k)
-        ids = torch.zeros(*labels.shape, self.top_k, dtype=torch.long)
-        logprobs[trained.cpu()] = torch.cat([row[0] for row in rows])
-        ids[trained.cpu()] = torch.cat([row[1] for row in rows])
-        own = torch.cat([row[2] for row in rows])
-        return ServedRows(logprobs.to(tokens.device), ids.to(tokens.device), own.to(tokens.device))
+        logprobs, ids, own = (torch.cat(column) for column in zip(*self.sample_rows(samples)))
+        rows = rows_at(labels.cpu() != IGNORE_INDEX, logprobs, ids)
+        return ServedRows(rows.logprobs.to(tokens.device), rows.ids.to(tokens.device), own.to(tokens.device))
 
 
 @dataclass(frozen=True)

@@ -118,9 +118,9 @@ def validation_batches(dataset, *, batch_size: int, collate_fn, max_batches: int
     padding = -(-total // dist.world_size) - len(mine)
     indices = mine + [mine[-1] if mine else 0] * padding
     batches = []
+    fetch = getattr(dataset, "__getitems__", None)  # a whole batch at once where the dataset can
     for first in range(0, len(indices), batch_size):
         chosen = indices[first: first + batch_size]
-        fetch = getattr(dataset, "__getitems__", None)  # a whole batch at once where the dataset can
         batch = collate_fn(fetch(chosen) if fetch else [dataset[i] for i in chosen])
         for row in range(batch["labels"].shape[0]):
             if first + row >= len(mine):  # a repeated sample: scored by no one

@@ -37,35 +37,23 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
     """The parts of ``cfg``; with ``teacher_logits_cache`` there is no teacher checkpoint: the
     cache's tokenizer is checked by fingerprint when it is opened. With ``teacher_server`` neither:
     the server is asked here whether it is up, serves the model and shares the tokenizer."""
-    cache = cfg.get("teacher_logits_cache")
-    server = cfg.get("teacher_server")
+    cache, server = cfg.get("teacher_logits_cache"), cfg.get("teacher_server")
     if server is not None:
         others = [k for k in ("teacher_checkpointer", "teacher_logits_cache") if cfg.get(k) is not None]
         if others:
             raise KDTuneError(f"teacher_server and {others[0]} are both set: distill from one teacher (remove "
                               f"{others[0]} with ~{others[0]})")
-        if cfg.get("hidden_state_loss") is not None:
-            raise KDTuneError("hidden_state_loss: a served teacher gives log-probabilities, not hidden states; "
-                              "distill from the teacher itself (teacher_checkpointer) to match them")
-        tokenizer = instantiate(cfg.tokenizer)
-        checkpointer = instantiate(cfg.checkpointer)
-        vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir, checkpointer.checkpoint_dir,
-                                            tokenizer.vocab_size, tokenizer.marker_ids,
-                                            cfg.get("teacher_vocab_check", "tokenizer"), tokenizer_dir=tokenizer.path)
-        divergence = build_divergence(cfg.kd_loss, vocab_size=vocab_size)
-        served = served_teacher(server, tokenizer, divergence.temperature)
-        return DistillationParts(tokenizer, checkpointer, None, divergence, teacher_server=served)
-    if cache and cfg.get("teacher_checkpointer") is not None:
+    elif cache and cfg.get("teacher_checkpointer") is not None:
         raise KDTuneError("teacher_logits_cache and teacher_checkpointer are both set: distill from the cache "
                           "(remove teacher_checkpointer with ~teacher_checkpointer) or from the teacher model")
-    if not cache and cfg.get("teacher_checkpointer") is None:
+    elif not cache and cfg.get("teacher_checkpointer") is None:
         raise KDTuneError("teacher_checkpointer: required (the teacher's checkpoint), or teacher_logits_cache")
     vocab_check = cfg.get("teacher_vocab_check", "tokenizer")
     if cache:
         check_cache_teacher(Path(cache), vocab_check)
     tokenizer = instantiate(cfg.tokenizer)
     checkpointer = instantiate(cfg.checkpointer)
-    teacher_checkpointer = None if cache else instantiate(cfg.teacher_checkpointer)
+    teacher_checkpointer = None if cache or server is not None else instantiate(cfg.teacher_checkpointer)
     vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir,
                                         (teacher_checkpointer or checkpointer).checkpoint_dir, tokenizer.vocab_size,
                                         tokenizer.marker_ids, vocab_check, tokenizer_dir=tokenizer.path)
@@ -74,13 +62,17 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
         if cache:
             raise KDTuneError("hidden_state_loss: the teacher cache holds no hidden states; distill from the "
                               "teacher itself (teacher_checkpointer) to match them")
+        if server is not None:
+            raise KDTuneError("hidden_state_loss: a served teacher gives log-probabilities, not hidden states; "
+                              "distill from the teacher itself (teacher_checkpointer) to match them")
         hidden = instantiate(cfg.hidden_state_loss, student=checkpointer.model_args,
                              teacher=teacher_checkpointer.model_args)
-    return DistillationParts(tokenizer, checkpointer, teacher_checkpointer,
-                             build_divergence(cfg.kd_loss, vocab_size=vocab_size), cache or None, hidden)
+    divergence = build_divergence(cfg.kd_loss, vocab_size=vocab_size)
+    served = None if server is None else served_teacher(server, tokenizer, divergence.temperature)
+    return DistillationParts(tokenizer, checkpointer, teacher_checkpointer, divergence, cache or None, hidden, served)
 
 
-def served_teacher(node, tokenizer, temperature: float, **changes) -> ServedTeacher:
+def served_teacher(node, tokenizer, temperature: float) -> ServedTeacher:
     """The ``teacher_server`` node's teacher (a node or its checked settings), checked against
     ``tokenizer``: one line if it is not the teacher to distill from."""
     from kdtune.config.settings import TeacherServerSettings, nested  # settings import this module
@@ -88,8 +80,7 @@ def served_teacher(node, tokenizer, temperature: float, **changes) -> ServedTeac
     if not is_dataclass(node):
         plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
         node = nested(TeacherServerSettings)("teacher_server", plain)  # checked, defaults filled in
-    options = {**asdict(node), **changes}
-    teacher = ServedTeacher(**options, temperature=temperature, vocab_size=tokenizer.vocab_size)
+    teacher = ServedTeacher(**asdict(node), temperature=temperature, vocab_size=tokenizer.vocab_size)
     teacher.check(tokenizer)
     return teacher
 
