@@ -20,6 +20,7 @@ RECIPES = (
     "knowledge_distillation_single_device",
     "knowledge_distillation_distributed",
     "on_policy_distillation_single_device",
+    "on_policy_distillation_distributed",
     "cache_teacher_logits",
     "prune",
     "eleuther_eval",

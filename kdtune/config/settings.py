@@ -324,6 +324,7 @@ RECIPE_SETTINGS = {
     "knowledge_distillation_single_device": DistillationSettings,
     "knowledge_distillation_distributed": DistillationSettings,
     "on_policy_distillation_single_device": OnPolicySettings,
+    "on_policy_distillation_distributed": OnPolicySettings,
     "cache_teacher_logits": CacheSettings,
     "generate": GenerateSettings,
     "eleuther_eval": EvalSettings,

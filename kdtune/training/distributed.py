@@ -9,6 +9,7 @@ beside them; several nodes need a shared filesystem for ``output_dir``.
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from kdtune.checkpointing import HFCheckpointer, load_recipe_state
@@ -76,6 +77,22 @@ class FSDPDistribution(Distribution):
     def barrier(self) -> None:
         dist.barrier()
 
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module):
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:  # gathered once, outside inference mode: FSDP keeps these buffers for training
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield model
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(unit is not model, recurse=False)  # as `shard` set them
+
+    def rank_state(self, obj) -> "PerRankState":
+        return PerRankState(obj, self)
+
     def optimizer_state(self, model: nn.Module, optimizer) -> "ShardedOptimizerState":
         return ShardedOptimizerState(model, optimizer)
 
@@ -98,6 +115,22 @@ class FSDPDistribution(Distribution):
                               f"and this one has {self.world_size}; resume it on as many, with the same recipe")
         state["optimizer"] = Path(folder) / OPTIMIZER_SUBDIR
         return state
+
+
+class PerRankState:
+    """A stateful object saved as every rank's state (gathered to each, like the generators in
+    ``rng_state``) and restored from its own rank's."""
+
+    def __init__(self, obj, run_dist: FSDPDistribution):
+        self.obj, self.dist = obj, run_dist
+
+    def state_dict(self) -> list:
+        states = [None] * self.dist.world_size
+        dist.all_gather_object(states, self.obj.state_dict())
+        return states
+
+    def load_state_dict(self, states: list) -> None:
+        self.obj.load_state_dict(states[self.dist.rank])
 
 
 class ShardedOptimizerState:

@@ -6,6 +6,8 @@ across ranks and keeps sharded training state in its own form. A recipe's loop c
 methods, so its single-device and distributed versions share the loop line for line.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -32,6 +34,16 @@ class Distribution:
     def clip_grad_norm(self, params, max_norm: float) -> float:
         """Clip the gradients of ``params`` to ``max_norm`` in total; returns the norm before."""
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def gathered(self, model: nn.Module):
+        """A context in which ``model``'s whole weights stay on this process (for generation, whose
+        many small forwards would otherwise gather each sharded layer again at every token)."""
+        return contextlib.nullcontext(model)
+
+    def rank_state(self, obj):
+        """A stateful object whose state differs between ranks (a sampling generator), as one
+        `TrainingState.register` can save and restore; on one process, the object itself."""
+        return obj
 
     def optimizer_state(self, model: nn.Module, optimizer):
         """The optimizer as a stateful object for `TrainingState.register`; sharded runs wrap it."""

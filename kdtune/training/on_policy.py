@@ -17,6 +17,7 @@ from torch import nn
 from kdtune.datasets import collate, prompt_completion_sample
 from kdtune.errors import KDTuneError
 from kdtune.generation import generate
+from kdtune.training.distribution import Distribution
 
 
 def check_replies(*, lmbda: float, seq_kd: bool, dataset) -> None:
@@ -74,18 +75,22 @@ class OnPolicyBatches:
     where its completions came from.
     The source draw and the sampling have generators of their own, seeded by ``seed`` and saved in
     the recipe state, so a resumed run draws and samples what the uninterrupted run would.
+    Under a sharded ``dist`` (the distributed recipe) every rank draws the same source and samples
+    its own prompts with its own generator; a model generates with its weights gathered, so its
+    forwards need no collective and each rank stops when its own rows have.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, lmbda: float, seq_kd: bool, seed: int,
                  generation: dict, stop_ids, pad_id: int, vocab_size: int, device: torch.device,
-                 lmbda_end: float | None = None, num_steps: int = 1, sampler=None):
+                 lmbda_end: float | None = None, num_steps: int = 1, sampler=None, dist: Distribution | None = None):
         self.student, self.teacher, self.lmbda, self.seq_kd = student, teacher, lmbda, seq_kd
         self.sampler = sampler  # a `kdtune.serving.ServedSampler`: the student's completions come from vLLM
         self.lmbda_end, self.num_steps = lmbda_end, num_steps
         self.generation = dict(generation)
         self.stop_ids, self.pad_id, self.vocab_size = tuple(stop_ids), pad_id, vocab_size
-        self.draws = torch.Generator().manual_seed(seed)
-        self.sampling = torch.Generator(device).manual_seed(seed)
+        self.dist = dist or Distribution()
+        self.draws = torch.Generator().manual_seed(seed)  # the same on every rank: they generate together
+        self.sampling = torch.Generator(device).manual_seed(seed + self.dist.rank)
         self.steps = self.on_policy_steps = 0
 
     def current_lmbda(self) -> float:
@@ -127,9 +132,9 @@ class OnPolicyBatches:
                                              for lp in lps[:len(through_first_stop(c, self.stop_ids))]])
             else:
                 start = time.perf_counter()
-                out = generate(self.student if source == "student" else self.teacher, prompts,
-                               stop_ids=self.stop_ids, pad_id=self.pad_id, vocab_size=self.vocab_size,
-                               generator=self.sampling, **self.generation)
+                with self.dist.gathered(self.student if source == "student" else self.teacher) as model:
+                    out = generate(model, prompts, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                   vocab_size=self.vocab_size, generator=self.sampling, **self.generation)
                 seconds += time.perf_counter() - start  # generate syncs the device as it decides to stop
                 completions = out.completions
                 rows, generated = rows + len(prompts), generated + int(out.completion_lens.sum())
@@ -137,9 +142,10 @@ class OnPolicyBatches:
             if behavior is not None:
                 train["behavior_logprobs"] = behavior  # one per learned token, in the labels' order
             batches.append({**train, "generated": source != "dataset", "student_written": source == "student"})
-        if rows:
-            metrics["generated_length_mean"] = generated / rows
-            metrics["generation_tokens_per_second"] = generated / seconds
+        if source != "dataset":  # over every rank's completions
+            rows, generated, seconds = self.dist.all_reduce(torch.tensor([rows, generated, seconds], dtype=torch.float64))
+            metrics["generated_length_mean"] = float(generated / rows)
+            metrics["generation_tokens_per_second"] = float(generated / seconds)
         return batches, metrics
 
     def state_dict(self) -> dict:

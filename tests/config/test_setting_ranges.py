@@ -23,6 +23,7 @@ CONFIG = {"full_finetune_single_device": "tiny/full_finetune_single_device",
           "knowledge_distillation_single_device": "tiny/KD_single_device",
           "knowledge_distillation_distributed": "tiny/KD_distributed",
           "on_policy_distillation_single_device": "tiny/GKD_single_device",
+          "on_policy_distillation_distributed": "tiny/GKD_distributed",
           "cache_teacher_logits": "tiny/cache_teacher_logits", "generate": "tiny/generate",
           "eleuther_eval": "tiny/eval", "prune": "tiny/prune"}
 VALIDATION = {"validation.dataset": "{_component_: alpaca, data_files: x.json}", "validation.every_n_steps": "2"}

@@ -11,10 +11,11 @@ from tests.cli_utils import REPO
 
 TRAINING = ("full_finetune_single_device", "lora_finetune_single_device", "lora_finetune_distributed",
             "knowledge_distillation_single_device", "knowledge_distillation_distributed",
-            "on_policy_distillation_single_device")
+            "on_policy_distillation_single_device", "on_policy_distillation_distributed")
 # Recipes whose loops (the training loop and the step's helper functions) must stay identical.
 TWINS = [("knowledge_distillation_single_device", "knowledge_distillation_distributed"),
          ("lora_finetune_single_device", "lora_finetune_distributed"),
+         ("on_policy_distillation_single_device", "on_policy_distillation_distributed"),
          ("full_finetune_single_device", "lora_finetune_single_device")]
 # What every step shows: the forward, the loss, backward, clipping, the optimizer and schedule steps,
 # logging and checkpointing.
