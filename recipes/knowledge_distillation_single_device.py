@@ -22,7 +22,7 @@ from kdtune import training
 from kdtune.config import instantiate
 from kdtune.config.settings import DistillationSettings
 from kdtune.errors import KDTuneError
-from kdtune.losses import ForwardKLLoss, LinearKDLoss
+from kdtune.losses import AlignedTeacher, ForwardKLLoss, LinearKDLoss
 
 
 @kdtune.config.parse(DistillationSettings)  # checks every setting, then main(cfg, s)
@@ -31,7 +31,7 @@ def main(cfg, s):
     run = training.RunContext(cfg, s)
     kd = training.distillation_parts(cfg)
     # with a teacher cache or server, each sample joined with the teacher's top-k rows
-    dataset, collate = training.join_teacher(instantiate(cfg.dataset, tokenizer=kd.tokenizer), kd)
+    dataset, collate = training.join_teacher(instantiate(cfg.dataset, tokenizer=kd.tokenizer, **kd.dataset_args), kd)
     training.check_positions(dataset, *kd.checkpointers)  # no sample longer than the models' positions
     training.check_memory_plan(run.device, run.dtype, kd.checkpointer, cfg.get("model"), cfg.optimizer,
                                kd.teacher_checkpointer, cfg.get("teacher"))  # weights and optimizer state fit
@@ -43,7 +43,7 @@ def main(cfg, s):
         raise KDTuneError("validation: the teacher cache holds the training samples only; validating needs the "
                           "teacher itself (teacher_checkpointer)")
     val_batches = training.build_validation(cfg, s, kd.tokenizer, lambda b: collate(b, kd.tokenizer.pad_id), run.dist,
-                                           join=lambda d: training.join_teacher(d, kd)[0])
+                                           join=lambda d: training.join_teacher(d, kd)[0], dataset_args=kd.dataset_args)
 
     # 2. The models: a trainable student and a frozen teacher (none when distilling from a cache or server).
     student = training.load_student(kd.checkpointer, cfg.get("model"), device=run.device, dtype=run.dtype,
@@ -67,6 +67,8 @@ def main(cfg, s):
     kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size, **caps)
     kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
                                  chunk_size=s.loss_chunk_size, **caps)  # validation's val_kl, whatever kd_loss is
+    if kd.teacher_tokenizer:  # the teacher's tokenizer differs: the loss compares aligned spans (uld, hybrid_uld),
+        kd_loss = kl_to_teacher = kd.divergence  # and val_kl is that loss too (no per-token KL exists across vocabularies)
     save = training.student_saver(kd.checkpointer, student)
     state = training.TrainingState(run.dist)
     state.register("optimizer", run.dist.optimizer_state(trained, optimizer))
@@ -86,6 +88,11 @@ def main(cfg, s):
                                  else [])
         if teacher is None:
             return hidden, states, batch["teacher_topk"], [], None
+        if "spans" in batch:  # a teacher of another tokenizer reads its own encoding of each sample
+            with torch.no_grad():
+                teacher_hidden = teacher(batch["teacher_tokens"], return_hidden=True)
+            return hidden, states, AlignedTeacher(teacher_hidden, batch["teacher_tokens"], batch["spans"]), [], \
+                teacher.output_weight
         with torch.no_grad():
             teacher_hidden, teacher_states = teacher(batch["tokens"], **inputs, return_layers=hidden_loss.teacher_layers
                                                      if hidden_loss else [])

@@ -18,6 +18,9 @@ COMPONENTS: dict[str, str] = {
     "skew_forward_kl": "kdtune.losses.SkewForwardKLLoss",
     "skew_reverse_kl": "kdtune.losses.SkewReverseKLLoss",
     "tvd": "kdtune.losses.TVDLoss",
+    # teachers with another tokenizer (teacher_tokenizer set): aligned spans compared
+    "uld": "kdtune.losses.ULDLoss",
+    "hybrid_uld": "kdtune.losses.HybridULDLoss",
     # hidden-state losses (hidden_state_loss: {_component_: cosine, ...})
     "cosine": "kdtune.losses.CosineHiddenStateLoss",
     "mse": "kdtune.losses.MSEHiddenStateLoss",

@@ -173,9 +173,12 @@ class TrainingSettings:
         optimizer = instantiate(plain["optimizer"], [torch.nn.Parameter(torch.zeros(1))], _where="optimizer")
         instantiate(plain["lr_scheduler"], optimizer, num_training_steps=1, _where="lr_scheduler")
         if "kd_loss" in plain:
-            from kdtune.training.distillation import build_divergence
+            from kdtune.training.distillation import build_cross_tokenizer_loss, build_divergence
 
-            build_divergence(plain["kd_loss"])
+            if plain.get("teacher_tokenizer") is None:
+                build_divergence(plain["kd_loss"])
+            else:
+                build_cross_tokenizer_loss(plain["kd_loss"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,6 +196,9 @@ class DistillationSettings(TrainingSettings):
                                        "tokenizer: embedding tables of other sizes need both tokenizers to compare; "
                                        "padding: trust that the extra rows are padding")
     kd_ratio: float = setting(0.5, number(0, 1), "loss = (1 - kd_ratio) * CE + kd_ratio * KD")
+    teacher_tokenizer: str | None = setting(None, text(optional=True),
+                                            "the teacher's tokenizer folder when it differs from the student's "
+                                            "(then kd_loss: uld or hybrid_uld); null: the same tokenizer")
     kd_loss: dict = setting(check=node(component=True), help="the divergence (forward_kl, jsd, ...)")
     hidden_state_loss: dict | None = setting(None, node(component=True, optional=True),
                                              "intermediate-layer loss (cosine, mse, normalized_mse); null: none")

@@ -20,6 +20,7 @@ def alpaca_dataset(
     packed: bool = False,
     skip_bad_rows: bool = False,
     drop_untrained: bool = True,
+    teacher_tokenizer=None,
 ) -> SFTDataset:
     """Each row as a one-turn chat in the model's own chat template; the output is trained.
 
@@ -31,5 +32,5 @@ def alpaca_dataset(
         tokenizer, rows, alpaca_messages, name=f"alpaca dataset {source} {data_files or ''}".strip(),
         max_seq_len=max_seq_len, train_on_input=train_on_input, train_on="last", packed=packed,
         skip_bad_rows=skip_bad_rows,
-        drop_untrained=drop_untrained,
+        drop_untrained=drop_untrained, teacher_tokenizer=teacher_tokenizer,
     )

@@ -75,6 +75,7 @@ def arithmetic_dataset(
     max_seq_len: int | None = None,
     train_on_input: bool = False,
     packed: bool = False,
+    teacher_tokenizer=None,
 ) -> SFTDataset:
     """`arithmetic_rows` as a chat dataset, without a file."""
     rows = arithmetic_rows(num_rows, split=split, seed=seed, max_digits=max_digits, ops=ops, terms=terms)
@@ -82,4 +83,5 @@ def arithmetic_dataset(
     return chat_sft_dataset(
         tokenizer, rows, chat_messages, name=f"arithmetic dataset ({split})", max_seq_len=max_seq_len,
         train_on_input=train_on_input, train_on="all", packed=packed, skip_bad_rows=False,
+        teacher_tokenizer=teacher_tokenizer,
     )

@@ -26,6 +26,7 @@ def chat_dataset(
     packed: bool = False,
     skip_bad_rows: bool = False,
     drop_untrained: bool = True,
+    teacher_tokenizer=None,
 ) -> SFTDataset:
     """Conversations in the model's own chat template, trained on assistant replies.
 
@@ -40,5 +41,5 @@ def chat_dataset(
         tokenizer, rows, partial(chat_messages, style=conversation_style),
         name=f"chat dataset {source} {data_files or ''}".strip(), max_seq_len=max_seq_len,
         train_on_input=train_on_input, train_on=train_on, packed=packed, skip_bad_rows=skip_bad_rows,
-        drop_untrained=drop_untrained,
+        drop_untrained=drop_untrained, teacher_tokenizer=teacher_tokenizer,
     )

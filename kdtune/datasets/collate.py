@@ -8,6 +8,10 @@ from kdtune.datasets.sft import IGNORE_INDEX
 def collate(samples: list[dict], pad_id: int, ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """Pad to the longest row: ``tokens`` and ``labels`` ``[B, S]`` (padding: ``pad_id`` / ignored).
 
+    Samples aligned with a teacher's tokenization (``teacher_tokens``, ``spans``) also give the
+    teacher's ``teacher_tokens`` ``[B, T]`` (right-padded; padding is never scored) and ``spans``
+    ``[N, 5]``: each span's batch row and its ``[s0, s1, t0, t1]``.
+
     Packed samples (with ``seq_lens``) also give ``input_pos`` ``[B, S]`` and the block-causal
     ``mask`` ``[B, S, S]`` (True = may attend: same sample, not later), so no token sees another
     sample; any batch padding forms one more segment of its own.
@@ -19,6 +23,13 @@ def collate(samples: list[dict], pad_id: int, ignore_index: int = IGNORE_INDEX) 
         tokens[i, : len(s["tokens"])] = torch.tensor(s["tokens"], dtype=torch.long)
         labels[i, : len(s["labels"])] = torch.tensor(s["labels"], dtype=torch.long)
     batch = {"tokens": tokens, "labels": labels}
+    if "teacher_tokens" in samples[0]:
+        teacher = torch.zeros((len(samples), max(len(s["teacher_tokens"]) for s in samples)), dtype=torch.long)
+        for i, s in enumerate(samples):
+            teacher[i, : len(s["teacher_tokens"])] = torch.tensor(s["teacher_tokens"], dtype=torch.long)
+        batch["teacher_tokens"] = teacher
+        batch["spans"] = torch.tensor([[i, *span] for i, s in enumerate(samples) for span in s["spans"]],
+                                      dtype=torch.long).reshape(-1, 5)
     if "seq_lens" in samples[0]:
         pads = [width - len(s["tokens"]) for s in samples]
         seq_lens = [list(s["seq_lens"]) + ([pad] if pad else []) for s, pad in zip(samples, pads)]

@@ -128,21 +128,36 @@ def chat_sft_dataset(
     packed: bool,
     skip_bad_rows: bool,
     drop_untrained: bool = True,
+    teacher_tokenizer=None,
 ) -> SFTDataset:
     """Render each row's conversation with the chat template, then tokenize all rows in one batch.
 
     A sample left with no trained token (its prompt fills ``max_seq_len``, or nothing is marked
     for training) teaches nothing and would only dilute a batch: it is dropped, with one warning
     counting them, or with ``drop_untrained: false`` refused, naming its row.
+
+    With ``teacher_tokenizer`` (distilling from a teacher whose tokenizer differs) each conversation
+    is also rendered in the teacher's template and encoded by its tokenizer, and the two encodings'
+    replies are aligned (`kdtune.tokenization.alignment`): an `AlignedSFTDataset`.
     """
     template = tokenizer.require_chat_template()
     check_train_on(train_on)
+    if teacher_tokenizer is not None and packed:
+        raise KDTuneError(f"{name}: packed: true is not supported with teacher_tokenizer (each sample is aligned "
+                          f"with the teacher's own encoding of it); set packed: false")
+    teacher_template = None if teacher_tokenizer is None else teacher_tokenizer.require_chat_template()
 
     def render(data: dict):
-        return template.render_with_spans(to_messages(data), train_on_input=train_on_input, train_on=train_on)
+        messages = to_messages(data)
+        mine = template.render_with_spans(messages, train_on_input=train_on_input, train_on=train_on)
+        if teacher_template is None:
+            return mine
+        return mine, teacher_template.render_with_spans(messages, train_on_input=train_on_input, train_on=train_on)
 
     converted = convert_rows(rows, render, skip_bad_rows)
     max_seq_len = tokenizer.max_seq_len if max_seq_len is None else integer(1)("max_seq_len", max_seq_len)
+    if teacher_tokenizer is not None:
+        return aligned_dataset(tokenizer, teacher_tokenizer, converted, name=name, max_seq_len=max_seq_len)
     whole = tokenizer.tokenize_rendered([text_spans for _, text_spans in converted]) if converted else []
     samples = [tokenizer.truncate(ids, mask, max_seq_len) for ids, mask in whole]
     untrained = [i for i, (_, mask) in enumerate(samples) if not mask[1:].any()]
@@ -170,3 +185,56 @@ def report_cut(name: str, lengths: list[int], max_seq_len: int | None, where: li
     if cut:
         warn(f"{name}: {len(cut)} of {len(lengths)} samples are longer than max_seq_len={max_seq_len} and are cut "
              f"there, their ends untrained (the first: {where[cut[0]]}, {lengths[cut[0]]} tokens)")
+
+
+class AlignedSFTDataset(SFTDataset):
+    """Samples encoded by the student's and the teacher's tokenizers, with the aligned spans of their
+    trained tokens: ``__getitem__`` adds ``teacher_tokens`` and ``spans`` (``[s0, s1, t0, t1]`` each,
+    token indices; see `kdtune.tokenization.alignment`)."""
+
+    def __init__(self, samples, teacher_tokens: list[np.ndarray], spans: list[np.ndarray], **kwargs):
+        super().__init__(samples, packed=False, **kwargs)
+        self._teacher_offsets = np.concatenate([[0], np.cumsum([len(t) for t in teacher_tokens])])
+        self._teacher_tokens = np.concatenate(teacher_tokens)
+        self._span_offsets = np.concatenate([[0], np.cumsum([len(s) for s in spans])])
+        self._spans = np.concatenate(spans).reshape(-1, 4)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(super().fingerprint().encode())
+        for array in (self._teacher_offsets, self._teacher_tokens, self._spans):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+    def __getitem__(self, index: int) -> dict:
+        sample = super().__getitem__(index)
+        index %= len(self)
+        teacher = self._teacher_tokens[self._teacher_offsets[index] : self._teacher_offsets[index + 1]]
+        spans = self._spans[self._span_offsets[index] : self._span_offsets[index + 1]]
+        return {**sample, "teacher_tokens": teacher.astype(np.int64).tolist(), "spans": spans.tolist()}
+
+
+def aligned_dataset(tokenizer, teacher_tokenizer, converted, *, name: str, max_seq_len: int | None) -> AlignedSFTDataset:
+    """The student's samples of ``converted`` rows (each ``(row, (student render, teacher render))``)
+    with the teacher's encodings and the aligned spans; both sides are cut at ``max_seq_len``, and a
+    span cut by either side is dropped (the student's tokens in it are still trained by CE)."""
+    from kdtune.tokenization.alignment import align_replies
+
+    renders = [value for _, value in converted]
+    if not renders:
+        raise KDTuneError(f"{name}: no samples")
+    samples, teacher_tokens, spans = [], [], []
+    student_encodings = tokenizer.encodings([mine[0] for mine, _ in renders])
+    teacher_encodings = teacher_tokenizer.encodings([theirs[0] for _, theirs in renders])
+    for (row, _), (mine, theirs), s_enc, t_enc in zip(converted, renders, student_encodings, teacher_encodings):
+        ids, mask = tokenizer.truncate(*tokenizer.masked(s_enc, mine[1]), max_seq_len)
+        teacher_ids, _ = teacher_tokenizer.truncate(*teacher_tokenizer.masked(t_enc, theirs[1]), max_seq_len)
+        aligned = [span for span in align_replies((*mine, s_enc), (*theirs, t_enc))
+                   if 0 < span[0] and span[1] <= len(ids) and 0 < span[2] and span[3] <= len(teacher_ids)]
+        if not mask[1:].any():
+            raise KDTuneError(f"{row.where}: no token of this sample is trained (max_seq_len={max_seq_len})")
+        samples.append((ids, mask))
+        teacher_tokens.append(np.asarray(teacher_ids, dtype=np.int32))
+        spans.append(np.asarray(aligned, dtype=np.int32).reshape(-1, 4))
+    report_cut(name, [len(e.ids) for e in student_encodings], max_seq_len, [row.where for row, _ in converted])
+    return AlignedSFTDataset(samples, teacher_tokens, spans, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id,
+                             name=name)

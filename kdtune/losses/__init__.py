@@ -1,6 +1,7 @@
 """Distillation losses: cross-entropy and divergences in full, chunked and fused-with-projection forms."""
 
 from kdtune.losses.cross_entropy import CrossEntropyLoss
+from kdtune.losses.cross_tokenizer import AlignedTeacher, CrossTokenizerLoss, HybridULDLoss, ULDLoss
 from kdtune.losses.divergences import (
     Divergence,
     ForwardKLLoss,
@@ -24,6 +25,10 @@ from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import TokenLoss, count_valid_tokens
 
 __all__ = [
+    "AlignedTeacher",
+    "CrossTokenizerLoss",
+    "HybridULDLoss",
+    "ULDLoss",
     "DEFAULT_CHUNK_SIZE",
     "FORMS",
     "CosineHiddenStateLoss",

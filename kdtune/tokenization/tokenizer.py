@@ -189,17 +189,30 @@ class Tokenizer:
         """Encode many `render_with_spans` results in parallel: ``(ids int32, mask bool)`` per item,
         truncated to ``max_seq_len`` (if given) as `tokenize_messages` describes."""
         out = []
-        for chunk in range(0, len(rendered), _ENCODE_CHUNK):
+        for chunk in range(0, len(rendered), _ENCODE_CHUNK):  # chunks: an encoding holds far more than its ids
             items = rendered[chunk : chunk + _ENCODE_CHUNK]
-            encodings = self._tok.encode_batch([text for text, _ in items], add_special_tokens=False)
-            for (_, spans), encoding in zip(items, encodings):
-                ids = np.array(encoding.ids, dtype=np.int32)
-                mask = np.zeros(len(ids), dtype=bool)
-                for start, end in spans:
-                    first, stop = _span_tokens(encoding, start, end)
-                    mask[first:stop] = True
-                out.append(self.truncate(ids, mask, max_seq_len))
+            encodings = self.encodings([text for text, _ in items])
+            out += [self.truncate(*self.masked(encoding, spans), max_seq_len) for (_, spans), encoding in zip(items, encodings)]
         return out
+
+    def encodings(self, texts: list[str]) -> list:
+        """The `tokenizers` encodings (ids and character offsets) of many texts, encoded in parallel
+        without added special tokens (a rendered template writes its own)."""
+        out = []
+        for chunk in range(0, len(texts), _ENCODE_CHUNK):
+            out += self._tok.encode_batch(texts[chunk : chunk + _ENCODE_CHUNK], add_special_tokens=False)
+        return out
+
+    @staticmethod
+    def masked(encoding, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int32, mask bool)`` of an encoding, the mask true on the tokens overlapping ``spans``
+        (character ranges)."""
+        ids = np.array(encoding.ids, dtype=np.int32)
+        mask = np.zeros(len(ids), dtype=bool)
+        for start, end in spans:
+            first, stop = _span_tokens(encoding, start, end)
+            mask[first:stop] = True
+        return ids, mask
 
     def tokenize_messages(
         self,

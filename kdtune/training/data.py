@@ -172,14 +172,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return moved
 
 
-def build_validation(cfg, settings, tokenizer, collate_fn, dist: Distribution, join=None) -> list[dict] | None:
+def build_validation(cfg, settings, tokenizer, collate_fn, dist: Distribution, join=None,
+                     dataset_args: dict | None = None) -> list[dict] | None:
     """The ``validation`` node's batches for this process (see `validation_batches`), or None;
-    ``join`` wraps the dataset first (a served teacher's rows)."""
+    ``join`` wraps the dataset first (a served teacher's rows); ``dataset_args`` go to the dataset
+    component beside the tokenizer (the teacher's tokenizer)."""
     if settings.validation is None:
         return None
     from kdtune.config import instantiate
 
-    dataset = instantiate(cfg.validation.dataset, tokenizer=tokenizer)
+    dataset = instantiate(cfg.validation.dataset, tokenizer=tokenizer, **(dataset_args or {}))
     if join is not None:
         dataset = join(dataset)
     return validation_batches(dataset, batch_size=settings.validation.batch_size or settings.batch_size,

@@ -1,6 +1,7 @@
 """What a distillation run sets up before any weight loads: the tokenizer, the student's checkpoint,
-the teacher's (their vocabularies must agree with the tokenizer) or a teacher cache in its place,
-a served teacher (vLLM) in its place, the divergence, and the hidden-state loss with its layer map
+the teacher's (their vocabularies must agree with the tokenizer, or the teacher's own tokenizer is
+given as ``teacher_tokenizer`` with a cross-tokenizer loss) or a teacher cache in its place, a
+served teacher (vLLM) in its place, the divergence, and the hidden-state loss with its layer map
 when the config asks for one."""
 
 from dataclasses import asdict, dataclass, is_dataclass
@@ -9,12 +10,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kdtune.checkpointing import HFCheckpointer, check_vocab_compatible
+from kdtune.checkpointing.hf_format import read_config, text_config
+from kdtune.checkpointing.vocab import scored_vocab_size
 from kdtune.config import instantiate, resolve_component
 from kdtune.errors import KDTuneError
 from kdtune.losses import Divergence, HiddenStateLoss
+from kdtune.losses.cross_tokenizer import CrossTokenizerLoss
 from kdtune.offline.dataset import collate_with_teacher_topk, join_teacher_cache
 from kdtune.offline.index import read_index
 from kdtune.serving import ServedTeacher, ServedTeacherDataset
+from kdtune.tokenization import load_tokenizer
 
 
 @dataclass
@@ -26,6 +31,13 @@ class DistillationParts:
     teacher_cache: str | None = None  # teacher_logits_cache: the cached top-k stand in for the teacher
     hidden_state_loss: HiddenStateLoss | None = None  # with its projections, when the config has one
     teacher_server: ServedTeacher | None = None  # a served teacher's top-k stand in for the teacher, checked
+    teacher_tokenizer: object = None  # the teacher's own tokenizer, when it differs from the student's
+
+    @property
+    def dataset_args(self) -> dict:
+        """What the dataset component takes besides the tokenizer: the teacher's tokenizer, whose
+        encoding of each sample is aligned with the student's."""
+        return {} if self.teacher_tokenizer is None else {"teacher_tokenizer": self.teacher_tokenizer}
 
     @property
     def checkpointers(self) -> list[HFCheckpointer]:
@@ -54,9 +66,18 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
     tokenizer = instantiate(cfg.tokenizer)
     checkpointer = instantiate(cfg.checkpointer)
     teacher_checkpointer = None if cache or server is not None else instantiate(cfg.teacher_checkpointer)
-    vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir,
-                                        (teacher_checkpointer or checkpointer).checkpoint_dir, tokenizer.vocab_size,
-                                        tokenizer.marker_ids, vocab_check, tokenizer_dir=tokenizer.path)
+    teacher_tokenizer = cross_tokenizer(cfg, cache, server, teacher_checkpointer)
+    if teacher_tokenizer is not None:
+        vocab_size = tokenizer.vocab_size
+    else:
+        try:
+            vocab_size = check_vocab_compatible(checkpointer.checkpoint_dir,
+                                                (teacher_checkpointer or checkpointer).checkpoint_dir,
+                                                tokenizer.vocab_size, tokenizer.marker_ids, vocab_check,
+                                                tokenizer_dir=tokenizer.path)
+        except KDTuneError as e:
+            raise KDTuneError(f"{e}; a teacher with another tokenizer needs teacher_tokenizer (its tokenizer folder) "
+                              f"and a cross-tokenizer kd_loss ({', '.join(CROSS_TOKENIZER_LOSSES)})") from None
     hidden = None
     if cfg.get("hidden_state_loss") is not None:
         if cache:
@@ -67,9 +88,59 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
                               "distill from the teacher itself (teacher_checkpointer) to match them")
         hidden = instantiate(cfg.hidden_state_loss, student=checkpointer.model_args,
                              teacher=teacher_checkpointer.model_args)
-    divergence = build_divergence(cfg.kd_loss, vocab_size=vocab_size)
+    if teacher_tokenizer is not None:
+        divergence = build_cross_tokenizer_loss(cfg.kd_loss)
+        divergence.setup(tokenizer, teacher_tokenizer, student_softcap=checkpointer.model_args.final_logit_softcapping,
+                         teacher_softcap=teacher_checkpointer.model_args.final_logit_softcapping)
+    else:
+        divergence = build_divergence(cfg.kd_loss, vocab_size=vocab_size)
     served = None if server is None else served_teacher(server, tokenizer, divergence.temperature)
-    return DistillationParts(tokenizer, checkpointer, teacher_checkpointer, divergence, cache or None, hidden, served)
+    return DistillationParts(tokenizer, checkpointer, teacher_checkpointer, divergence, cache or None, hidden, served,
+                             teacher_tokenizer)
+
+
+CROSS_TOKENIZER_LOSSES = ("uld", "hybrid_uld")
+
+
+def cross_tokenizer(cfg, cache, server, teacher_checkpointer):
+    """The teacher's tokenizer when ``teacher_tokenizer`` is set (it is compared with the student's
+    by aligning each sample's two encodings), else None; what such a run cannot do is one line."""
+    path = cfg.get("teacher_tokenizer")
+    name = (cfg.get("kd_loss") or {}).get("_component_")
+    component = resolve_component(name, "kd_loss._component_") if name else None
+    is_cross = isinstance(component, type) and issubclass(component, CrossTokenizerLoss)
+    if path is None:
+        if is_cross:
+            raise KDTuneError(f"kd_loss: '{name}' compares a teacher whose tokenizer differs from the student's; set "
+                              f"teacher_tokenizer (the teacher's tokenizer folder), or use a divergence (forward_kl, ...)")
+        return None
+    if not is_cross:
+        raise KDTuneError(f"teacher_tokenizer: with a teacher of another tokenizer kd_loss must be a cross-tokenizer "
+                          f"loss ({', '.join(CROSS_TOKENIZER_LOSSES)}), got '{name}'")
+    for key, value in (("teacher_logits_cache", cache), ("teacher_server", server),
+                       ("hidden_state_loss", cfg.get("hidden_state_loss"))):
+        if value is not None:
+            raise KDTuneError(f"{key}: not supported with teacher_tokenizer yet; distill from the teacher itself "
+                              f"(teacher_checkpointer), matching output distributions only")
+    if not Path(str(path)).expanduser().is_dir():
+        raise KDTuneError(f"teacher_tokenizer: no such folder: {path}")
+    teacher_tokenizer = load_tokenizer(Path(str(path)).expanduser())
+    rows = text_config(read_config(Path(teacher_checkpointer.checkpoint_dir)))["vocab_size"]
+    if scored_vocab_size(rows, teacher_tokenizer.vocab_size, teacher_tokenizer.marker_ids) is None:
+        raise KDTuneError(f"teacher_tokenizer: {path} has {teacher_tokenizer.vocab_size:,} tokens but the teacher "
+                          f"({teacher_checkpointer.checkpoint_dir}) has {rows:,} embedding rows: it is not the teacher's "
+                          f"tokenizer")
+    return teacher_tokenizer
+
+
+def build_cross_tokenizer_loss(node) -> CrossTokenizerLoss:
+    """``kd_loss`` built, refused in one line unless it compares aligned spans (`CrossTokenizerLoss`)."""
+    name = node.get("_component_")
+    component = resolve_component(name, "kd_loss._component_")
+    if not (isinstance(component, type) and issubclass(component, CrossTokenizerLoss)):
+        raise KDTuneError(f"teacher_tokenizer: with a teacher of another tokenizer kd_loss must be a cross-tokenizer "
+                          f"loss ({', '.join(CROSS_TOKENIZER_LOSSES)}), got '{name}'")
+    return instantiate(node, _where="kd_loss")
 
 
 def served_teacher(node, tokenizer, temperature: float) -> ServedTeacher:

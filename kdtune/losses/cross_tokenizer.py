@@ -1,0 +1,167 @@
+"""Distillation losses between models whose tokenizers differ: ULD and the GOLD-style hybrid.
+
+The student's and the teacher's sequences are aligned into spans that cover the same characters
+(`kdtune.tokenization.alignment`): student tokens ``a_1..a_m`` ~ teacher tokens ``b_1..b_n``. Each
+side scores a span by one vector over its vocabulary, the distribution that predicts the span's first
+token scaled by the probability of the rest of the span as it was written::
+
+    v_s(x) = q(x | ctx) * prod_{k=2..m} q(a_k | ctx, a_1..a_{k-1})        (the teacher's v_t alike)
+
+so ``v_s(a_1)`` is the student's joint probability of the whole span; a one-token span's vector is
+its distribution. Probabilities are at the loss's temperature (logits divided by it on both sides,
+no T^2 factor), the conditionals of later tokens too. The vectors are not renormalized.
+
+- ``uld`` (Universal Logit Distillation, Boizard et al. 2024): the L1 distance between the two
+  vectors sorted in decreasing order, the shorter vocabulary padded with zeros.
+- ``hybrid_uld`` (as TRL's GOLD trainer combines them): tokens spelled the same in both vocabularies
+  (compared as bytes, so byte-level ``Ġ`` and sentencepiece ``▁`` spellings meet; the two end-of-turn
+  tokens are paired too) are compared id to id by the generalized KL of unnormalized measures,
+  ``sum p log(p / q) - p + q`` (zero only when they are equal), and the rest of each vocabulary by
+  ULD on its sorted values; ``matched_weight`` (default: the matched share of the teacher's
+  vocabulary) weighs the first, ``1 - matched_weight`` the second.
+
+A span's value counts once for each student token in it, and the sum is divided by ``num_tokens``
+(the step's trained student tokens), so the term is a mean over the student's tokens like the
+cross-entropy it is mixed with: ``(1 - kd_ratio) * CE + kd_ratio * KD``. The spans are processed a
+chunk at a time, each chunk's ``[spans, vocab]`` logits recomputed in backward rather than kept,
+so neither model's ``[tokens, vocab]`` logits ever exist whole.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kdtune.config.checks import integer, number
+from kdtune.errors import KDTuneError
+from kdtune.losses.linear import LinearCrossEntropyLoss
+from kdtune.losses.token_loss import upcast
+from kdtune.modules.softcap import softcap
+
+
+@dataclass
+class AlignedTeacher:
+    """The teacher's side of a cross-tokenizer batch: its final hidden states ``[B, T, d_t]`` over its
+    own tokens ``[B, T]``, and the aligned spans ``[N, 5]``: batch row, student tokens ``[s0, s1)``,
+    teacher tokens ``[t0, t1)`` (token indices; the first token of each is predicted at ``s0 - 1``
+    and ``t0 - 1``)."""
+
+    hidden: torch.Tensor
+    tokens: torch.Tensor
+    spans: torch.Tensor
+
+
+def span_log_vectors(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                     start: torch.Tensor, stop: torch.Tensor, *, temperature: float, cap: float | None) -> torch.Tensor:
+    """``log v`` ``[n, V]`` of the spans of tokens ``[start, stop)`` in batch ``rows``: the tempered
+    log-distribution at ``start - 1`` plus the log-probabilities of the span's later tokens, read
+    from ``targets`` (``targets[b, p]`` is the token at ``p + 1``: the labels, on the student's side)."""
+    first = upcast(softcap(F.linear(hidden[rows, start - 1], weight), cap)) / temperature
+    log_v = first.log_softmax(-1)
+    extra = stop - start - 1
+    if int(extra.sum()) == 0:
+        return log_v
+    span = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), extra)
+    within = torch.arange(len(span), device=rows.device) - torch.repeat_interleave(extra.cumsum(0) - extra, extra)
+    position = start[span] + within  # predicts the token after it, the span's 2nd, 3rd ...
+    later = upcast(softcap(F.linear(hidden[rows[span], position], weight), cap)) / temperature
+    token_log_p = later.log_softmax(-1).gather(-1, targets[rows[span], position][:, None])[:, 0]
+    return log_v + torch.zeros(len(rows), dtype=log_v.dtype, device=log_v.device).index_add(0, span, token_log_p)[:, None]
+
+
+def sorted_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row, ``sum |sort(a) - sort(b)|`` (decreasing), the narrower one padded with zeros."""
+    a, b = a.sort(-1, descending=True).values, b.sort(-1, descending=True).values
+    width = min(a.shape[-1], b.shape[-1])
+    return (a[:, :width] - b[:, :width]).abs().sum(-1) + a[:, width:].sum(-1) + b[:, width:].sum(-1)
+
+
+class CrossTokenizerLoss(nn.Module):
+    """The base of ULD-style losses. ``forward(student_hidden, student_weight, teacher: AlignedTeacher,
+    teacher_weight, labels, *, kd_ratio, num_tokens, temperature=None)`` → ``(ce, kd)``, the call of
+    `LinearKDLoss`, so a recipe's step is the same for both. `setup` gives it the two tokenizers
+    (and the softcaps) before the first call."""
+
+    def __init__(self, *, temperature: float = 1.0, chunk_size: int = 64, ignore_index: int = -100):
+        super().__init__()
+        self.temperature = number(0, above=True)("kd_loss.temperature", temperature)
+        self.chunk_size = integer(1)("kd_loss.chunk_size", chunk_size)
+        self.ignore_index = ignore_index
+        self.vocab_size = self.teacher_vocab_size = None
+        self.student_softcap = self.teacher_softcap = None
+        self.cross_entropy = LinearCrossEntropyLoss(form="chunked")
+
+    def setup(self, student_tokenizer, teacher_tokenizer, *, student_softcap=None, teacher_softcap=None) -> None:
+        self.vocab_size, self.teacher_vocab_size = student_tokenizer.vocab_size, teacher_tokenizer.vocab_size
+        self.student_softcap, self.teacher_softcap = student_softcap, teacher_softcap
+        self.cross_entropy = LinearCrossEntropyLoss(form="chunked", softcap=student_softcap)
+
+    def span_values(self, log_vs: torch.Tensor, log_vt: torch.Tensor) -> torch.Tensor:
+        """``[n]``: each span's distance between the student's and the teacher's log-vectors."""
+        raise NotImplementedError
+
+    def forward(self, student_hidden, student_weight, teacher, teacher_weight, labels, *, kd_ratio: float,
+                num_tokens: int, temperature: float | None = None):
+        if not isinstance(teacher, AlignedTeacher):
+            raise KDTuneError(f"kd_loss: {type(self).__name__} compares two tokenizations; set teacher_tokenizer")
+        t = self.temperature if temperature is None else temperature
+        ce = self.cross_entropy(student_hidden, student_weight, labels, num_tokens=num_tokens)
+        spans = teacher.spans.to(student_hidden.device)
+        kd = student_hidden.new_zeros((), dtype=torch.float32)
+        if kd_ratio == 0 or len(spans) == 0:
+            return ce, kd
+        weight_s, weight_t = student_weight[: self.vocab_size], teacher_weight[: self.teacher_vocab_size]
+        teacher_targets = F.pad(teacher.tokens[:, 1:], (0, 1))  # the token after each position
+        for begin in range(0, len(spans), self.chunk_size):
+            chunk = spans[begin : begin + self.chunk_size]
+            kd = kd + checkpoint(self._chunk, student_hidden, weight_s, labels, teacher.hidden, weight_t,
+                                 teacher_targets, chunk, t, use_reentrant=False)
+        return ce, kd / num_tokens
+
+    def _chunk(self, hidden, weight, labels, teacher_hidden, teacher_weight, teacher_targets, chunk, temperature):
+        rows, s0, s1, t0, t1 = chunk.unbind(1)
+        log_vs = span_log_vectors(hidden, weight, labels, rows, s0, s1, temperature=temperature, cap=self.student_softcap)
+        with torch.no_grad():
+            log_vt = span_log_vectors(teacher_hidden, teacher_weight, teacher_targets, rows, t0, t1,
+                                      temperature=temperature, cap=self.teacher_softcap)
+        return (self.span_values(log_vs, log_vt) * (s1 - s0)).sum()
+
+
+class ULDLoss(CrossTokenizerLoss):
+    """Universal Logit Distillation: the L1 distance between the sorted span vectors (module docstring)."""
+
+    def span_values(self, log_vs, log_vt):
+        return sorted_l1(log_vs.exp(), log_vt.exp())
+
+
+class HybridULDLoss(CrossTokenizerLoss):
+    """GOLD-style hybrid: the generalized KL on the tokens both vocabularies spell the same, ULD on
+    the rest, weighted ``matched_weight`` and ``1 - matched_weight`` (default: the matched share of
+    the teacher's vocabulary)."""
+
+    def __init__(self, *, matched_weight: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.matched_weight = None if matched_weight is None else number(0, 1)("kd_loss.matched_weight", matched_weight)
+        self.register_buffer("student_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("teacher_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def setup(self, student_tokenizer, teacher_tokenizer, **caps) -> None:
+        from kdtune.tokenization.vocab_map import matched_tokens
+
+        super().setup(student_tokenizer, teacher_tokenizer, **caps)
+        student_ids, teacher_ids = matched_tokens(student_tokenizer, teacher_tokenizer)
+        self.student_ids, self.teacher_ids = torch.tensor(student_ids), torch.tensor(teacher_ids)
+        self.student_rest = torch.ones(self.vocab_size, dtype=torch.bool).index_fill(0, self.student_ids, False)
+        self.teacher_rest = torch.ones(self.teacher_vocab_size, dtype=torch.bool).index_fill(0, self.teacher_ids, False)
+        if self.matched_weight is None:
+            self.matched_weight = len(teacher_ids) / self.teacher_vocab_size
+
+    def span_values(self, log_vs, log_vt):
+        device = log_vs.device
+        log_q, log_p = log_vs[:, self.student_ids.to(device)], log_vt[:, self.teacher_ids.to(device)]
+        p, q = log_p.exp(), log_q.exp()
+        matched = (p * (log_p - log_q) - p + q).sum(-1)
+        rest = sorted_l1(log_vs[:, self.student_rest.to(device)].exp(), log_vt[:, self.teacher_rest.to(device)].exp())
+        return self.matched_weight * matched + (1 - self.matched_weight) * rest
