@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kdtune.config.checks import integer, number
 from kdtune.errors import KDTuneError
+from kdtune.losses.divergences import _check_temperature, _check_weight
 from kdtune.losses.linear import LinearCrossEntropyLoss
 from kdtune.losses.token_loss import upcast
 from kdtune.modules.softcap import softcap
@@ -86,15 +86,23 @@ class CrossTokenizerLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, chunk_size: int = 64, ignore_index: int = -100):
         super().__init__()
-        self.temperature = number(0, above=True)("kd_loss.temperature", temperature)
-        self.chunk_size = integer(1)("kd_loss.chunk_size", chunk_size)
+        self.temperature = _check_temperature(temperature)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise KDTuneError(f"kd_loss.chunk_size: expected a positive integer, got {chunk_size!r}")
+        self.chunk_size = chunk_size
         self.ignore_index = ignore_index
         self.vocab_size = self.teacher_vocab_size = None
         self.student_softcap = self.teacher_softcap = None
         self.cross_entropy = LinearCrossEntropyLoss(form="chunked")
 
     def setup(self, student_tokenizer, teacher_tokenizer, *, student_softcap=None, teacher_softcap=None) -> None:
-        self.vocab_size, self.teacher_vocab_size = student_tokenizer.vocab_size, teacher_tokenizer.vocab_size
+        self.set_vocabularies(student_tokenizer.vocab_size, teacher_tokenizer.vocab_size,
+                              student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+
+    def set_vocabularies(self, vocab_size: int, teacher_vocab_size: int, *, student_softcap=None,
+                         teacher_softcap=None) -> None:
+        """Each model's scored vocabulary (its tokenizer's; rows past it are padding) and logit cap."""
+        self.vocab_size, self.teacher_vocab_size = vocab_size, teacher_vocab_size
         self.student_softcap, self.teacher_softcap = student_softcap, teacher_softcap
         self.cross_entropy = LinearCrossEntropyLoss(form="chunked", softcap=student_softcap)
 
@@ -143,7 +151,7 @@ class HybridULDLoss(CrossTokenizerLoss):
 
     def __init__(self, *, matched_weight: float | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.matched_weight = None if matched_weight is None else number(0, 1)("kd_loss.matched_weight", matched_weight)
+        self.matched_weight = None if matched_weight is None else _check_weight("matched_weight", matched_weight)
         self.register_buffer("student_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("teacher_ids", torch.zeros(0, dtype=torch.long), persistent=False)
 
@@ -151,12 +159,15 @@ class HybridULDLoss(CrossTokenizerLoss):
         from kdtune.tokenization.vocab_map import matched_tokens
 
         super().setup(student_tokenizer, teacher_tokenizer, **caps)
-        student_ids, teacher_ids = matched_tokens(student_tokenizer, teacher_tokenizer)
-        self.student_ids, self.teacher_ids = torch.tensor(student_ids), torch.tensor(teacher_ids)
+        self.set_matches(*matched_tokens(student_tokenizer, teacher_tokenizer))
+
+    def set_matches(self, student_ids: list[int], teacher_ids: list[int]) -> None:
+        """The matched tokens: ``student_ids[i]`` is spelled as ``teacher_ids[i]`` (each id once)."""
+        self.student_ids, self.teacher_ids = torch.tensor(student_ids, dtype=torch.long), torch.tensor(teacher_ids, dtype=torch.long)
         self.student_rest = torch.ones(self.vocab_size, dtype=torch.bool).index_fill(0, self.student_ids, False)
         self.teacher_rest = torch.ones(self.teacher_vocab_size, dtype=torch.bool).index_fill(0, self.teacher_ids, False)
-        if self.matched_weight is None:
-            self.matched_weight = len(teacher_ids) / self.teacher_vocab_size
+        self.weight_of_matched = self.matched_weight if self.matched_weight is not None else \
+            len(teacher_ids) / self.teacher_vocab_size
 
     def span_values(self, log_vs, log_vt):
         device = log_vs.device
@@ -164,4 +175,4 @@ class HybridULDLoss(CrossTokenizerLoss):
         p, q = log_p.exp(), log_q.exp()
         matched = (p * (log_p - log_q) - p + q).sum(-1)
         rest = sorted_l1(log_vs[:, self.student_rest.to(device)].exp(), log_vt[:, self.teacher_rest.to(device)].exp())
-        return self.matched_weight * matched + (1 - self.matched_weight) * rest
+        return self.weight_of_matched * matched + (1 - self.weight_of_matched) * rest

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdtune.checkpointing import HFCheckpointer, check_vocab_compatible
 from kdtune.checkpointing.hf_format import read_config, text_config
-from kdtune.checkpointing.vocab import scored_vocab_size
+from kdtune.checkpointing.vocab import check_same_tokens, scored_vocab_size
 from kdtune.config import instantiate, resolve_component
 from kdtune.errors import KDTuneError
 from kdtune.losses import Divergence, HiddenStateLoss
@@ -110,10 +110,7 @@ def cross_tokenizer(cfg, cache, server, teacher_checkpointer):
     component = resolve_component(name, "kd_loss._component_") if name else None
     is_cross = isinstance(component, type) and issubclass(component, CrossTokenizerLoss)
     if path is None:
-        if is_cross:
-            raise KDTuneError(f"kd_loss: '{name}' compares a teacher whose tokenizer differs from the student's; set "
-                              f"teacher_tokenizer (the teacher's tokenizer folder), or use a divergence (forward_kl, ...)")
-        return None
+        return None  # (a cross-tokenizer kd_loss without it is refused by build_divergence)
     if not is_cross:
         raise KDTuneError(f"teacher_tokenizer: with a teacher of another tokenizer kd_loss must be a cross-tokenizer "
                           f"loss ({', '.join(CROSS_TOKENIZER_LOSSES)}), got '{name}'")
@@ -130,6 +127,10 @@ def cross_tokenizer(cfg, cache, server, teacher_checkpointer):
         raise KDTuneError(f"teacher_tokenizer: {path} has {teacher_tokenizer.vocab_size:,} tokens but the teacher "
                           f"({teacher_checkpointer.checkpoint_dir}) has {rows:,} embedding rows: it is not the teacher's "
                           f"tokenizer")
+    try:  # the teacher's folder may ship its tokenizer: then it is this one
+        check_same_tokens(teacher_tokenizer.path, teacher_checkpointer.checkpoint_dir, teacher_tokenizer.vocab_size)
+    except KDTuneError as e:
+        raise KDTuneError(f"teacher_tokenizer: {path} is not the teacher's tokenizer ({e})") from None
     return teacher_tokenizer
 
 
@@ -187,6 +188,9 @@ def build_divergence(node, **kwargs) -> Divergence:
     forms call its ``per_token`` and read its ``temperature``, ``ignore_index`` and ``vocab_size``."""
     name = node.get("_component_")
     component = resolve_component(name, "kd_loss._component_")
+    if isinstance(component, type) and issubclass(component, CrossTokenizerLoss):
+        raise KDTuneError(f"kd_loss: '{name}' compares a teacher whose tokenizer differs from the student's; set "
+                          f"teacher_tokenizer (the teacher's tokenizer folder), or use a divergence (forward_kl, ...)")
     if isinstance(component, type) and not issubclass(component, Divergence):
         raise KDTuneError(f"kd_loss: '{name}' is not a divergence; a kd_loss must {DIVERGENCE_INTERFACE}")
     divergence = instantiate(node, _where="kd_loss", **kwargs)
