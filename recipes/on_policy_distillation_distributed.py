@@ -28,8 +28,9 @@ from kdtune.config import instantiate
 from kdtune.config.settings import OnPolicySettings
 from kdtune.datasets import collate_prompts
 from kdtune.errors import KDTuneError
-from kdtune.losses import ForwardKLLoss, LinearKDLoss, SampledReverseKLLoss, token_logprobs
+from kdtune.losses import AlignedTeacher, ForwardKLLoss, LinearKDLoss, SampledReverseKLLoss, token_logprobs
 from kdtune.training import distributed
+from kdtune.tokenization.alignment import Retokenizer
 from kdtune.training.on_policy import OnPolicyBatches, check_plain_sampling, check_replies, completion_batch
 
 
@@ -53,7 +54,13 @@ def main(cfg, s):
         raise KDTuneError("hidden_state_loss: on-policy distillation matches output distributions only; use "
                           "knowledge_distillation_single_device for intermediate-layer losses")
     tokenizer = kd.tokenizer
-    dataset = instantiate(cfg.dataset, tokenizer=tokenizer)  # prompts, with their reference replies if any
+    if kd.teacher_tokenizer and (s.seq_kd or s.on_policy_loss == "sampled_reverse_kl"):
+        raise KDTuneError(f"teacher_tokenizer: {'seq_kd' if s.seq_kd else 'on_policy_loss: sampled_reverse_kl'} "
+                          f"needs the teacher's scores of the student's own tokens, which a teacher of another "
+                          f"tokenizer does not give; use the divergence on its aligned spans (kd_loss: uld or hybrid_uld)")
+    # a teacher of another tokenizer reads each completion rewritten in its tokens, aligned with the student's
+    retokenize = Retokenizer(tokenizer, kd.teacher_tokenizer, tokenizer.eos_ids) if kd.teacher_tokenizer else None
+    dataset = instantiate(cfg.dataset, tokenizer=tokenizer, **kd.dataset_args)  # prompts, reference replies if any
     lowest_lmbda = s.lmbda if s.lmbda_end is None else min(s.lmbda, s.lmbda_end)
     check_replies(lmbda=lowest_lmbda, seq_kd=s.seq_kd, dataset=dataset)
     if s.on_policy_loss == "sampled_reverse_kl":
@@ -68,9 +75,10 @@ def main(cfg, s):
 
     def reference_batch(samples):  # prompts with the dataset's replies, for validation
         return completion_batch([x["prompt"] for x in samples], [x["completion"][:replies] for x in samples],
-                                stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+                                stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, retokenize=retokenize,
+                                teacher_prompts=[x["teacher_prompt"] for x in samples] if retokenize else None)
 
-    val_batches = training.build_validation(cfg, s, tokenizer, reference_batch, run.dist)
+    val_batches = training.build_validation(cfg, s, tokenizer, reference_batch, run.dist, dataset_args=kd.dataset_args)
     sampler = None  # vLLM sampling the student (student_server) is single-device only
     if s.student_server is not None:
         raise KDTuneError("student_server: vLLM samples the student in on_policy_distillation_single_device only; "
@@ -95,7 +103,8 @@ def main(cfg, s):
     completions = OnPolicyBatches(student, teacher, lmbda=s.lmbda, seq_kd=s.seq_kd, seed=run.seed,
                                   generation=dataclasses.asdict(s.generation), stop_ids=tokenizer.eos_ids,
                                   pad_id=tokenizer.pad_id, vocab_size=kd.divergence.vocab_size, device=run.device,
-                                  lmbda_end=s.lmbda_end, num_steps=s.epochs * steps.steps_per_epoch, dist=run.dist)
+                                  lmbda_end=s.lmbda_end, num_steps=s.epochs * steps.steps_per_epoch, dist=run.dist,
+                                  retokenize=retokenize)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer, params)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
@@ -108,6 +117,8 @@ def main(cfg, s):
                                       chunk_size=s.loss_chunk_size) if s.on_policy_loss == "sampled_reverse_kl" else None
     kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
                                  chunk_size=s.loss_chunk_size, **caps)  # validation's val_kl, whatever kd_loss is
+    if kd.teacher_tokenizer:  # the teacher's tokenizer differs: the loss compares aligned spans (uld, hybrid_uld),
+        kd_loss = kl_to_teacher = kd.divergence  # and val_kl is that loss too (no per-token KL exists across vocabularies)
     save = distributed.sharded_saver(kd.checkpointer, student, run.dist)  # full weights from rank 0, optimizer shards
     state = training.TrainingState(run.dist)
     state.register("optimizer", run.dist.optimizer_state(student, optimizer))
@@ -135,6 +146,10 @@ def main(cfg, s):
         hidden = student(batch["tokens"], **inputs)
         if teacher is None:
             return hidden, kd.teacher_server.batch_topk(batch), None
+        if "spans" in batch:  # a teacher of another tokenizer reads its own encoding of each completion
+            with torch.no_grad():
+                teacher_hidden = teacher(batch["teacher_tokens"], return_hidden=True)
+            return hidden, AlignedTeacher(teacher_hidden, batch["teacher_tokens"], batch["spans"]), teacher.output_weight
         with torch.no_grad():
             return hidden, teacher(batch["tokens"], **inputs), teacher.output_weight
 

@@ -42,10 +42,14 @@ def collate(samples: list[dict], pad_id: int, ignore_index: int = IGNORE_INDEX) 
 
 def collate_prompts(samples: list[dict], pad_id: int) -> dict:
     """Left-padded ``prompt`` ``[B, P]`` with ``prompt_lengths`` ``[B]``, so every prompt ends where
-    generation starts; ``completions`` stay a list of id lists."""
+    generation starts; ``completions`` (and ``teacher_prompts``, when the samples have them) stay
+    lists of id lists."""
     width = max(len(s["prompt"]) for s in samples)
     prompt = torch.full((len(samples), width), pad_id, dtype=torch.long)
     for i, s in enumerate(samples):
         prompt[i, width - len(s["prompt"]) :] = torch.tensor(s["prompt"], dtype=torch.long)
     lengths = torch.tensor([len(s["prompt"]) for s in samples], dtype=torch.long)
-    return {"prompt": prompt, "prompt_lengths": lengths, "completions": [s["completion"] for s in samples]}
+    batch = {"prompt": prompt, "prompt_lengths": lengths, "completions": [s["completion"] for s in samples]}
+    if "teacher_prompt" in samples[0]:  # the prompts in a teacher's own template and tokens
+        batch["teacher_prompts"] = [s["teacher_prompt"] for s in samples]
+    return batch

@@ -19,17 +19,22 @@ from kdtune.errors import KDTuneError
 
 
 class PromptDataset:
-    """Map-style dataset of ``{"prompt", "completion"}`` samples (see the module docstring)."""
+    """Map-style dataset of ``{"prompt", "completion"}`` samples (see the module docstring), with
+    ``teacher_prompt`` (the prompt in the teacher's template and tokens) when a teacher of another
+    tokenizer grades the completions."""
 
-    def __init__(self, samples: list[tuple[list[int], list[int]]]):
+    def __init__(self, samples: list[tuple[list[int], list[int]]], teacher_prompts: list[list[int]] | None = None):
         self._samples = samples
+        self._teacher_prompts = teacher_prompts
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def __getitem__(self, index: int) -> dict:
         prompt, completion = self._samples[index]
-        return {"prompt": prompt, "completion": completion}
+        if self._teacher_prompts is None:
+            return {"prompt": prompt, "completion": completion}
+        return {"prompt": prompt, "completion": completion, "teacher_prompt": self._teacher_prompts[index]}
 
 
 def prompt_messages(data: dict, style: str = "auto") -> list[dict]:
@@ -54,10 +59,13 @@ def prompt_dataset(
     conversation_style: str = "auto",
     max_prompt_len: int | None = None,
     skip_bad_rows: bool = False,
+    teacher_tokenizer=None,
 ) -> PromptDataset:
     """Prompts of a ``prompt``/``completion`` file or of chat rows (a final assistant turn is the reference).
 
-    Prompts longer than ``max_prompt_len`` tokens are dropped, and counted in one warning.
+    Prompts longer than ``max_prompt_len`` tokens are dropped, and counted in one warning. With
+    ``teacher_tokenizer`` each prompt is also rendered in the teacher's template and encoded by its
+    tokenizer (``teacher_prompt``).
     """
     if conversation_style not in STYLES:
         raise KDTuneError(f"conversation_style: expected one of {STYLES}, got {conversation_style!r}")
@@ -71,14 +79,25 @@ def prompt_dataset(
             raise KDTuneError("the conversation has no prompt before the assistant's reply")
         return template.render_with_spans(messages, train_on="last")
 
+    teacher_template = None if teacher_tokenizer is None else teacher_tokenizer.require_chat_template()
+
+    def teacher_prompt(data: dict) -> str:
+        messages = prompt_messages(data, conversation_style)
+        messages = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        return teacher_template.render(messages, add_generation_prompt=True)
+
     rows = load_rows(source, data_files, split, column_map)
-    rendered = [value for _, value in convert_rows(rows, render, skip_bad_rows)]
+    converted = convert_rows(rows, render, skip_bad_rows)
+    rendered = [value for _, value in converted]
     samples = []
     for ids, mask in tokenizer.tokenize_rendered(rendered) if rendered else []:
         trained = np.flatnonzero(mask)
         prompt = ids[: trained[0]] if len(trained) else ids
         samples.append((prompt.tolist(), ids[trained].tolist()))
-    kept = [s for s in samples if max_prompt_len is None or len(s[0]) <= max_prompt_len]
+    teacher_prompts = None if teacher_tokenizer is None else \
+        [e.ids for e in teacher_tokenizer.encodings([teacher_prompt(row.data) for row, _ in converted])]
+    keep = [max_prompt_len is None or len(s[0]) <= max_prompt_len for s in samples]
+    kept = [s for s, k in zip(samples, keep) if k]
     name = f"prompt dataset {source} {data_files or ''}".strip()
     if not kept:
         limit = f" of at most max_prompt_len={max_prompt_len} tokens" if samples else ""
@@ -86,7 +105,7 @@ def prompt_dataset(
     if len(kept) < len(samples):
         dropped = len(samples) - len(kept)
         warnings.warn(f"{name}: dropped {dropped} prompts longer than {max_prompt_len} tokens", stacklevel=2)
-    return PromptDataset(kept)
+    return PromptDataset(kept, None if teacher_prompts is None else [t for t, k in zip(teacher_prompts, keep) if k])
 
 
 def prompt_completion_sample(prompt: list[int], completion: list[int]) -> dict:

@@ -103,3 +103,51 @@ def align_replies(student: tuple, teacher: tuple) -> list[Span]:
         for i0, i1, j0, j1 in align_pieces(a, s_end - s_start, b, t_end - t_start, common):
             out.append((s0 + i0, s0 + i1, t0 + j0, t0 + j1))
     return out
+
+
+class Retokenizer:
+    """A completion the student wrote (its token ids), written out as text, encoded by the teacher's
+    tokenizer and aligned with the student's tokens — on-policy distillation across tokenizers.
+
+    The text is the student tokens' bytes (a sentencepiece vocabulary's ``▁`` prefix on the first
+    token dropped, as its decoder does; bytes that are not UTF-8 become U+FFFD for the teacher); a
+    token that ends inside a character ends no span. A completion that ends with the student's stop
+    token gets the teacher's end-of-turn token in its place, the two forming the last span.
+    """
+
+    def __init__(self, student, teacher, stop_ids):
+        from kdtune.tokenization.vocab_map import token_bytes
+
+        self.teacher = teacher
+        self.pieces = token_bytes(student)[0]
+        self.stops = set(stop_ids)
+        probe = student.encode("a", add_special_tokens=False)
+        self.drop_prefix_space = b"".join(self.pieces[i] or b"" for i in probe) == b" a"
+
+    def __call__(self, completion: list[int]) -> tuple[list[int], list[Span]]:
+        """The teacher's ids for ``completion`` and the aligned spans (indices into each completion)."""
+        stopped = bool(completion) and completion[-1] in self.stops
+        content = completion[:-1] if stopped else completion
+        pieces = [self.pieces[i] if i < len(self.pieces) and self.pieces[i] is not None else b"" for i in content]
+        if pieces and self.drop_prefix_space and pieces[0].startswith(b" "):
+            pieces[0] = pieces[0][1:]
+        data = b"".join(pieces)
+        text = data.decode("utf-8", errors="surrogateescape")
+        char_of_byte = []  # the character each byte belongs to
+        for c, char in enumerate(text):
+            char_of_byte += [c] * (1 if "\udc80" <= char <= "\udcff" else len(char.encode()))
+        char_of_byte.append(len(text))
+        a, at = [], 0
+        for piece in pieces:
+            start, end = at, at + len(piece)
+            a.append((char_of_byte[start], char_of_byte[end - 1] + 1 if end > start else char_of_byte[start]))
+            at = end
+        clean = "".join("\ufffd" if "\udc80" <= ch <= "\udcff" else ch for ch in text)
+        encoding = self.teacher._tok.encode(clean, add_special_tokens=False)
+        teacher_ids, b = list(encoding.ids), [tuple(o) for o in encoding.offsets]
+        length = len(text)
+        if stopped:  # the two end-of-turn tokens, one past the text on each side
+            a.append((length, length + 1))
+            teacher_ids.append(self.teacher.eos_id)
+            b.append((length, length + 1))
+        return teacher_ids, align_pieces(a, length + stopped, b, length + stopped, length)

@@ -44,11 +44,23 @@ def check_plain_sampling(generation, model_node=None) -> None:
                           "without dropout, so the loss's log-probabilities must be too")
 
 
-def completion_batch(prompts: list[list[int]], completions: list[list[int]], *, stop_ids, pad_id: int) -> dict:
+def completion_batch(prompts: list[list[int]], completions: list[list[int]], *, stop_ids, pad_id: int,
+                     teacher_prompts: list[list[int]] | None = None, retokenize=None) -> dict:
     """Right-padded ``tokens``/``labels`` of prompt + completion rows in which only completion tokens
     are learned, up to and including the first stop token: prompts, anything after that stop token
-    and padding are ignored."""
-    samples = [prompt_completion_sample(p, through_first_stop(c, stop_ids)) for p, c in zip(prompts, completions)]
+    and padding are ignored. With ``teacher_prompts`` and ``retokenize`` (a `Retokenizer`: a teacher
+    of another tokenizer) each row is also written in the teacher's tokens, ``teacher_tokens`` and
+    the aligned ``spans`` of the completions (see `collate`)."""
+    samples = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        completion = through_first_stop(completion, stop_ids)
+        sample = prompt_completion_sample(prompt, completion)
+        if teacher_prompts is not None:
+            theirs, spans = retokenize(completion)
+            n, m = len(prompt), len(teacher_prompts[i])
+            sample["teacher_tokens"] = list(teacher_prompts[i]) + theirs
+            sample["spans"] = [[n + s0, n + s1, m + t0, m + t1] for s0, s1, t0, t1 in spans]
+        samples.append(sample)
     return collate(samples, pad_id)
 
 
@@ -82,13 +94,15 @@ class OnPolicyBatches:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, lmbda: float, seq_kd: bool, seed: int,
                  generation: dict, stop_ids, pad_id: int, vocab_size: int, device: torch.device,
-                 lmbda_end: float | None = None, num_steps: int = 1, sampler=None, dist: Distribution | None = None):
+                 lmbda_end: float | None = None, num_steps: int = 1, sampler=None, dist: Distribution | None = None,
+                 retokenize=None):
         self.student, self.teacher, self.lmbda, self.seq_kd = student, teacher, lmbda, seq_kd
         self.sampler = sampler  # a `kdtune.serving.ServedSampler`: the student's completions come from vLLM
         self.lmbda_end, self.num_steps = lmbda_end, num_steps
         self.generation = dict(generation)
         self.stop_ids, self.pad_id, self.vocab_size = tuple(stop_ids), pad_id, vocab_size
         self.dist = dist or Distribution()
+        self.retokenize = retokenize  # a teacher of another tokenizer: completions rewritten in its tokens
         self.draws = torch.Generator().manual_seed(seed)  # the same on every rank: they generate together
         self.sampling = torch.Generator(device).manual_seed(seed + self.dist.rank)
         self.steps = self.on_policy_steps = 0
@@ -138,7 +152,8 @@ class OnPolicyBatches:
                 seconds += time.perf_counter() - start  # generate syncs the device as it decides to stop
                 completions = out.completions
                 rows, generated = rows + len(prompts), generated + int(out.completion_lens.sum())
-            train = completion_batch(prompts, completions, stop_ids=self.stop_ids, pad_id=self.pad_id)
+            train = completion_batch(prompts, completions, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                     teacher_prompts=batch.get("teacher_prompts"), retokenize=self.retokenize)
             if behavior is not None:
                 train["behavior_logprobs"] = behavior  # one per learned token, in the labels' order
             batches.append({**train, "generated": source != "dataset", "student_written": source == "student"})

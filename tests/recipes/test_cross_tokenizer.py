@@ -87,3 +87,40 @@ def test_what_cannot_work_is_one_line(world, other_teacher, tmp_path, case, frag
                                  "kd_loss._component_=uld"]}[case]
     assert_user_error(run(args, expect=2), *fragments)
     assert not out.exists()
+
+
+def on_policy(world, teacher, chats, out, *extra, distributed=False, expect=0):
+    launch = (*TORCHRUN, "on_policy_distillation_distributed", "--config", "tiny/GKD_distributed", "batch_size=2") \
+        if distributed else ("on_policy_distillation_single_device", "--config", "tiny/GKD_single_device", "batch_size=4")
+    args = [*kd_overrides(world, out), f"teacher_checkpointer.checkpoint_dir={teacher}", f"+teacher_tokenizer={teacher}",
+            "kd_loss._component_=hybrid_uld", "~kd_loss.beta", f"dataset.data_files={chats}", *extra]
+    proc = run_kdtune("run", *launch, *args, env=ENV)
+    assert proc.returncode == expect, proc.stderr[-4000:]
+    return proc if expect else read_metrics(out / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def chats(world):
+    from kdtune.datasets import write_arithmetic_jsonl
+
+    return write_arithmetic_jsonl(world["root"] / "cross_chats.jsonl", 64, seed=1, max_digits=2)
+
+
+def test_on_policy_grades_the_students_completions_in_the_teachers_tokens(world, other_teacher, chats, tmp_path):
+    """The student's greedy completions, rewritten in the teacher's tokens, on one process and on
+    two (FSDP2): the same losses, steps on its own completions and on the dataset's replies alike."""
+    extra = ("max_steps_per_epoch=4", "generation.temperature=0", "kd_ratio=0.5")
+    single = on_policy(world, other_teacher, chats, tmp_path / "one", *extra)
+    sharded = on_policy(world, other_teacher, chats, tmp_path / "two", *extra, distributed=True)
+    assert any("generated_length_mean" in m for m in single) and not all("generated_length_mean" in m for m in single)
+    for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in sharded]), torch.tensor([m[key] for m in single]),
+                                   rtol=1e-5, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("setting", ["seq_kd=true", "on_policy_loss=sampled_reverse_kl"])
+def test_on_policy_estimators_that_need_the_teachers_token_scores_are_refused(world, other_teacher, chats, tmp_path,
+                                                                                setting):
+    proc = on_policy(world, other_teacher, chats, tmp_path / "bad", setting, expect=2)
+    assert_user_error(proc, "teacher_tokenizer", setting.split("=")[0])
+    assert not (tmp_path / "bad").exists()

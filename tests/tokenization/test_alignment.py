@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import kdtune
-from kdtune.tokenization.alignment import align_pieces, align_replies
+from kdtune.tokenization.alignment import Retokenizer, align_pieces, align_replies
+from kdtune.tokenization.vocab_map import token_bytes
 
 ASSETS = Path(__file__).parents[1] / "assets"
 POOL = list("abcxyz ABC0123456789   \n\t.,;!?-'\"") + ["é", "ö", "ß", "€", "中", "文", "😀", "🤖", "  ", "\n\n", "Ġ", "▁"]
@@ -121,3 +122,36 @@ def test_chat_replies_align_across_templates(tokenizers_):
         in_spans = sorted(i for span in aligned for i in range(span[index], span[index + 1]))
         trained = [i for i, (s, e) in enumerate(enc.offsets) if any(e > a and s < b for a, b in spans)]
         assert in_spans == trained
+
+
+@pytest.mark.parametrize("pair", [("mistral_v3", "qwen2_5"), ("qwen2_5", "mistral_v3"), ("chatml_bpe", "mistral_v3")])
+def test_a_students_completion_is_rewritten_in_the_teachers_tokens(tokenizers_, pair):
+    """On-policy: the student's tokens (here its encoding of random text, cut anywhere, also inside a
+    character) written out, encoded by the teacher and aligned: spans take every token once, a side's
+    span decodes to the same bytes as the other's, and a completion ending in the student's stop
+    token ends with the teacher's end-of-turn token, the two the last span."""
+    student, teacher = (tokenizers_[name] for name in pair)
+    retokenize = Retokenizer(student, teacher, student.eos_ids)
+    s_bytes, t_bytes = token_bytes(student)[0], token_bytes(teacher)[0]
+    rng = random.Random(1)
+    for n in range(200):  # (a literal '▁' is a space to sentencepiece, in and out: left out here)
+        ids = student.encode(random_text(rng).replace("▁", "_"), add_special_tokens=False)
+        ids = ids[: rng.randint(1, len(ids))]
+        stopped = n % 2 == 0
+        completion = ids + [student.eos_id] if stopped else ids
+        theirs, spans = retokenize(completion)
+        if not theirs:  # the student wrote no character (a bare '▁'): nothing to align, nothing scored
+            assert not spans and not b"".join(s_bytes[i] for i in ids).strip()
+            continue
+        assert spans[0][0] == 0 and spans[-1][1] == len(completion) and spans[0][2] == 0 and spans[-1][3] == len(theirs)
+        if stopped:
+            assert theirs[-1] == teacher.eos_id and spans[-1][3] - spans[-1][2] == 1  # (a student token of no
+            # character before the stop joins it)
+        raw = b"".join(s_bytes[i] for i in ids).decode("utf-8", errors="surrogateescape")
+        text = "".join("\ufffd" if "\udc80" <= c <= "\udcff" else c for c in raw)  # each stray byte: U+FFFD
+        assert teacher.decode(theirs[:-1] if stopped else theirs).strip() == text.strip()
+        for s0, s1, t0, t1 in spans[:-1] if stopped else spans:
+            mine = b"".join(s_bytes[i] for i in completion[s0:s1]).decode("utf-8", errors="surrogateescape")
+            mine = "".join("\ufffd" if "\udc80" <= c <= "\udcff" else c for c in mine).encode()
+            other = b"".join(t_bytes[i] for i in theirs[t0:t1])
+            assert mine.strip() == other.strip(), (mine, other)  # (a sentencepiece prefix space aside)
