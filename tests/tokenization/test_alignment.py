@@ -155,3 +155,21 @@ def test_a_students_completion_is_rewritten_in_the_teachers_tokens(tokenizers_, 
             mine = "".join("\ufffd" if "\udc80" <= c <= "\udcff" else c for c in mine).encode()
             other = b"".join(t_bytes[i] for i in theirs[t0:t1])
             assert mine.strip() == other.strip(), (mine, other)  # (a sentencepiece prefix space aside)
+
+
+def test_grouped_digits_meet_single_digits(tokenizers_):
+    """A vocabulary that writes numbers in groups (as Llama 3's does, up to three digits a token)
+    against Qwen2.5's one digit a token: each group's span holds its digits one by one on the other side."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    grouped = Tokenizer(models.BPE())
+    grouped.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    numbers = [str(n) for n in range(100, 1000)] * 3 + ["12345 + 678 = 13023"]
+    grouped.train_from_iterator(numbers, trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    text = "12345 + 678 = 13023"
+    a = grouped.encode(text).offsets
+    b = tokenizers_["qwen2_5"]._tok.encode(text, add_special_tokens=False).offsets
+    assert len(a) < len(b)  # groups of digits on one side
+    spans = align_pieces(a, len(text), b, len(text), len(text))
+    check_partition(len(text), a, b, spans)
+    assert any(i1 - i0 == 1 and j1 - j0 >= 2 for i0, i1, j0, j1 in spans)  # one group ~ several digits
