@@ -184,6 +184,7 @@ def main() -> None:
                              "smollm2/135M_to_mistral_vocab_KD_cross_tokenizer_single_device", *common,
                              f"teacher_checkpointer.checkpoint_dir={teacher}", f"teacher_tokenizer={teacher}",
                              f"kd_loss._component_={loss}", f"{name}_seed{seed}"))
+    jobs.sort(key=lambda job: job[-1].startswith("SFT"))  # KD runs (slower) side by side, then the SFT runs
     for pair in (jobs[i: i + 2] for i in range(0, len(jobs), 2)):  # two at a time, a core each
         wait(*(run(*job[:-1], log=f"train_{job[-1]}", threads=1) for job in pair))
 
