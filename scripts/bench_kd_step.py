@@ -3,7 +3,8 @@ fused from a cached teacher's top-64 log-probabilities (``cached``), each agains
 rate measured in the same run.
 
 Shapes (``--shape``): ``small``, a 4x512 teacher and a 2x256 student; ``qwen0.5b``, 2-layer slices of
-Qwen2-1.5B (teacher) and Qwen2-0.5B (student). Both with the real Qwen2 vocabulary (151,936), random
+Qwen2-1.5B (teacher) and Qwen2-0.5B (student); ``qwen1.5b_to_0.5b``, the two whole (28 and 24 layers,
+for a GPU). Both with the real Qwen2 vocabulary (151,936), random
 weights; one optimizer step = student forward + teacher forward + loss + backward + AdamW on every
 student weight. ``cached`` never builds the teacher: each step reads the batch's rows from a cache
 shard (q8 storage, memory-mapped) and collates them as training does. Each form runs
@@ -13,9 +14,12 @@ The share of the GEMM rate is the time the step's matmul FLOPs (linear layers, c
 output heads; the student's three times for forward and backward) would take at the rate torch.mm
 reaches at each model's output-head shape, measured in the same run, over the step's time (the
 fastest of ``--steps``; the GEMM rate is likewise a best, over 2 s of calls).
-``--breakdown`` adds where the fused step's time goes (torch.profiler).
+``--breakdown`` adds where the fused step's time goes (torch.profiler). ``--device cuda`` runs on a
+GPU (times after a synchronize, peak memory as allocated by torch); ``chunked`` is the loss as
+torchtune computes it (logits of one sequence chunk at a time, through autograd), the baseline a GPU
+user compares with.
 
-    python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--steps 3] [--dtype fp32] [--breakdown]
+    python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--steps 3] [--dtype fp32] [--device cpu] [--breakdown]
 """
 
 import argparse
@@ -32,8 +36,17 @@ VOCAB = 151_936
 
 SEQ = 512
 # (hidden, intermediate, layers, heads, kv heads) of the (teacher, student) of each shape.
-SHAPES = {"small": ((512, 2048, 4, 8, 4), (256, 1024, 2, 4, 2)),
-          "qwen0.5b": ((1536, 8960, 2, 12, 2), (896, 4864, 2, 14, 2))}
+SHAPES = {"tiny": ((64, 128, 1, 4, 2), (32, 64, 1, 4, 2)),  # scripts/gpu_check.sh --dry-run
+          "small": ((512, 2048, 4, 8, 4), (256, 1024, 2, 4, 2)),
+          "qwen0.5b": ((1536, 8960, 2, 12, 2), (896, 4864, 2, 14, 2)),
+          "qwen1.5b_to_0.5b": ((1536, 8960, 28, 12, 2), (896, 4864, 24, 14, 2))}
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def _args(hidden, intermediate, layers, heads, kv_heads):
@@ -53,17 +66,19 @@ def forward_flops(args, tokens: int) -> float:
     return 2 * tokens * (args.num_layers * linear + args.vocab_size * args.hidden_size) + tokens * args.num_layers * attention
 
 
-def gemm_rate(dtype_name: str, d: int) -> float:
+def gemm_rate(dtype_name: str, d: int, device: str = "cpu") -> float:
     """FLOP/s of torch.mm at an output head's shape: [256, d] x [d, V]."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(256, d, dtype=dtype), torch.randn(d, VOCAB, dtype=dtype)
+    a, b = torch.randn(256, d, dtype=dtype, device=device), torch.randn(d, VOCAB, dtype=dtype, device=device)
     torch.mm(a, b)
+    _sync(device)
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < 2.0:
         call = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         best = min(best, time.perf_counter() - call)
     return 2 * 256 * d * VOCAB / best
 
@@ -96,31 +111,36 @@ def _cached_batches(batch: dict, folder: str, k: int = 64):
     return read
 
 
-def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, breakdown: bool = False) -> dict:
+def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, breakdown: bool = False,
+            device: str = "cpu") -> dict:
     import torch
 
     from kdtune.losses import ForwardKLLoss, LinearKDLoss
     from kdtune.models import TransformerDecoder
+    from kdtune.training import to_device
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     teacher_args, student_args = (_args(*dims) for dims in SHAPES[shape])
-    student = TransformerDecoder(student_args).to(dtype)
+    student = TransformerDecoder(student_args).to(device=device, dtype=dtype)
     cached = form == "cached"
-    teacher = None if cached else TransformerDecoder(teacher_args).to(dtype).requires_grad_(False).eval()
+    teacher = None if cached else TransformerDecoder(teacher_args).to(device=device, dtype=dtype).requires_grad_(False).eval()
     batch = {"tokens": torch.randint(0, VOCAB, (tokens // SEQ, SEQ))}
     batch["labels"] = torch.roll(batch["tokens"], -1, dims=1)
     batch["labels"][:, -1] = -100
+    on_device = {k: v.to(device) for k, v in batch.items()}
     kd_loss = LinearKDLoss(ForwardKLLoss(), form="fused" if cached else form, chunk_size=256)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     n = int((batch["labels"] != -100).sum())
     folder = tempfile.TemporaryDirectory()  # removed when the measurement ends
-    next_batch = _cached_batches(batch, folder.name) if cached else lambda: batch
+    read = _cached_batches(batch, folder.name) if cached else None
+    next_batch = (lambda: to_device(read(), torch.device(device))) if cached else (lambda: on_device)
     sections = {}
 
     def timed(name, fn):
         start = time.perf_counter()
         out = fn()
+        _sync(device)
         sections[name] = sections.get(name, 0.0) + time.perf_counter() - start
         return out
 
@@ -138,9 +158,14 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
         timed("backward", lambda: (0.5 * ce + 0.5 * kd).backward())
         timed("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
 
+    def peak_bytes() -> int:
+        if device.startswith("cuda"):
+            return torch.cuda.max_memory_allocated(device)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
     step()  # warm-up: allocates the optimizer state and gradients, which every form needs alike
     sections.clear()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_bytes()
     times, per_step = [], []
     for _ in range(steps):
         sections.clear()
@@ -150,13 +175,13 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
         per_step.append(dict(sections))
     best = min(range(steps), key=times.__getitem__)  # the fastest step, as timeit reports: this shared
     seconds = times[best]  # machine's speed varies from run to run
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_bytes()
     student_flops = 3 * forward_flops(student_args, tokens)
     teacher_flops = 0 if cached else forward_flops(teacher_args, tokens)
     result = {"form": form, "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
               "flops_per_second": (student_flops + teacher_flops) / seconds,
-              "student_flops": student_flops, "teacher_flops": teacher_flops, "peak_rss_gib": peak / 2**20,
-              "extra_gib": max(peak - base, 0) / 2**20,
+              "student_flops": student_flops, "teacher_flops": teacher_flops, "peak_rss_gib": peak / 2**30,
+              "extra_gib": max(peak - base, 0) / 2**30, "device": device,
               "sections": per_step[best]}
     if breakdown:
         result["kernels"] = _kernels(step)
@@ -192,6 +217,7 @@ def _share(result: dict, rates: dict) -> float:
 
 
 def main() -> None:
+    global VOCAB
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="small", choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=1024, help=f"tokens per step (multiple of {SEQ})")
@@ -199,18 +225,24 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--forms", default="full,chunked,fused,cached")
     parser.add_argument("--breakdown", action="store_true", help="where the fused step's time goes")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="both models' vocabulary (default: Qwen2's)")
+    parser.add_argument("--json", help="also write the rows and GEMM rates to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    VOCAB = args.vocab
     if args.child:
         print(json.dumps(measure(args.child, args.tokens, args.steps, args.dtype, args.shape,
-                                 args.breakdown and args.child == "fused")))
+                                 args.breakdown and args.child == "fused", args.device)))
         return
     if args.gemm:
         teacher, student = SHAPES[args.shape]
-        print(json.dumps({"student": gemm_rate(args.dtype, student[0]), "teacher": gemm_rate(args.dtype, teacher[0])}))
+        print(json.dumps({"student": gemm_rate(args.dtype, student[0], args.device),
+                          "teacher": gemm_rate(args.dtype, teacher[0], args.device)}))
         return
-    common = ["--tokens", str(args.tokens), "--steps", str(args.steps), "--dtype", args.dtype, "--shape", args.shape]
+    common = ["--tokens", str(args.tokens), "--steps", str(args.steps), "--dtype", args.dtype, "--shape", args.shape,
+              "--device", args.device, "--vocab", str(args.vocab)]
     rates = json.loads(subprocess.run([sys.executable, __file__, "--gemm", *common], check=True, capture_output=True,
                                       text=True).stdout.strip().splitlines()[-1])
     rows = []
@@ -221,10 +253,19 @@ def main() -> None:
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = next((r for r in rows if r["form"] == "full"), rows[0])
     teacher, student = SHAPES[args.shape]
-    print(f"machine: {platform.processor() or platform.machine()}, {args.tokens} tokens/step, {args.dtype}, "
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "gemm_rates": rates, "shape": args.shape, "dtype": args.dtype,
+                       "device": args.device, "tokens": args.tokens}, f, indent=2)
+    machine = platform.processor() or platform.machine()
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine = torch.cuda.get_device_name(args.device)
+    print(f"machine: {machine}, {args.tokens} tokens/step, {args.dtype}, "
           f"teacher {teacher[2]}x{teacher[0]}, student {student[2]}x{student[0]}, vocab {VOCAB}; "
           f"GEMM rate at the heads' shapes: student {rates['student'] / 1e9:.0f}, teacher {rates['teacher'] / 1e9:.0f} GFLOP/s")
-    print(f"{'form':<8} {'tokens/s':>9} {'s/step':>7} {'GFLOP/s':>8} {'GEMM share':>11} {'peak RSS GiB':>13} "
+    print(f"{'form':<8} {'tokens/s':>9} {'s/step':>7} {'GFLOP/s':>8} {'GEMM share':>11} {'peak GiB':>13} "
           f"{'x full (tok/s)':>15} {'x full (peak)':>14}")
     for r in rows:
         print(f"{r['form']:<8} {r['tokens_per_second']:>9.0f} {r['seconds_per_step']:>7.2f} "
