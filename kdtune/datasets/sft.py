@@ -157,7 +157,8 @@ def chat_sft_dataset(
     converted = convert_rows(rows, render, skip_bad_rows)
     max_seq_len = tokenizer.max_seq_len if max_seq_len is None else integer(1)("max_seq_len", max_seq_len)
     if teacher_tokenizer is not None:
-        return aligned_dataset(tokenizer, teacher_tokenizer, converted, name=name, max_seq_len=max_seq_len)
+        return aligned_dataset(tokenizer, teacher_tokenizer, converted, name=name, max_seq_len=max_seq_len,
+                               drop_untrained=drop_untrained)
     whole = tokenizer.tokenize_rendered([text_spans for _, text_spans in converted]) if converted else []
     samples = [tokenizer.truncate(ids, mask, max_seq_len) for ids, mask in whole]
     untrained = [i for i, (_, mask) in enumerate(samples) if not mask[1:].any()]
@@ -213,28 +214,40 @@ class AlignedSFTDataset(SFTDataset):
         return {**sample, "teacher_tokens": teacher.astype(np.int64).tolist(), "spans": spans.tolist()}
 
 
-def aligned_dataset(tokenizer, teacher_tokenizer, converted, *, name: str, max_seq_len: int | None) -> AlignedSFTDataset:
+def aligned_dataset(tokenizer, teacher_tokenizer, converted, *, name: str, max_seq_len: int | None,
+                    drop_untrained: bool = True) -> AlignedSFTDataset:
     """The student's samples of ``converted`` rows (each ``(row, (student render, teacher render))``)
     with the teacher's encodings and the aligned spans; both sides are cut at ``max_seq_len``, and a
-    span cut by either side is dropped (the student's tokens in it are still trained by CE)."""
+    span cut by either side is dropped (the student's tokens in it are still trained by CE). A sample
+    with no trained token is dropped (one warning) or, with ``drop_untrained`` false, refused."""
     from kdtune.tokenization.alignment import align_replies
 
     renders = [value for _, value in converted]
     if not renders:
         raise KDTuneError(f"{name}: no samples")
-    samples, teacher_tokens, spans = [], [], []
+    samples, teacher_tokens, spans, untrained = [], [], [], []
     student_encodings = tokenizer.encodings([mine[0] for mine, _ in renders])
     teacher_encodings = teacher_tokenizer.encodings([theirs[0] for _, theirs in renders])
     for (row, _), (mine, theirs), s_enc, t_enc in zip(converted, renders, student_encodings, teacher_encodings):
         ids, mask = tokenizer.truncate(*tokenizer.masked(s_enc, mine[1]), max_seq_len)
         teacher_ids, _ = teacher_tokenizer.truncate(*teacher_tokenizer.masked(t_enc, theirs[1]), max_seq_len)
+        # a cut sample's last token became the end-of-turn token: spans stop before it
+        s_end, t_end = (len(x) - (len(e.ids) > len(x)) for x, e in ((ids, s_enc), (teacher_ids, t_enc)))
         aligned = [span for span in align_replies((*mine, s_enc), (*theirs, t_enc))
-                   if 0 < span[0] and span[1] <= len(ids) and 0 < span[2] and span[3] <= len(teacher_ids)]
+                   if 0 < span[0] and span[1] <= s_end and 0 < span[2] and span[3] <= t_end]
         if not mask[1:].any():
-            raise KDTuneError(f"{row.where}: no token of this sample is trained (max_seq_len={max_seq_len})")
+            untrained.append(row.where)
+            continue
         samples.append((ids, mask))
         teacher_tokens.append(np.asarray(teacher_ids, dtype=np.int32))
         spans.append(np.asarray(aligned, dtype=np.int32).reshape(-1, 4))
+    if untrained and (not drop_untrained or not samples):
+        raise KDTuneError(f"{untrained[0]}: no token of this sample is trained (max_seq_len={max_seq_len}); "
+                          f"{len(untrained)} of {len(converted)} samples have none; raise max_seq_len"
+                          + (", or set drop_untrained: true to drop them" if samples else ""))
+    if untrained:
+        warn(f"{name}: dropped {len(untrained)} of {len(converted)} samples with no trained token (the first: "
+             f"{untrained[0]}; its prompt fills max_seq_len={max_seq_len})")
     report_cut(name, [len(e.ids) for e in student_encodings], max_seq_len, [row.where for row, _ in converted])
     return AlignedSFTDataset(samples, teacher_tokens, spans, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id,
                              name=name)
