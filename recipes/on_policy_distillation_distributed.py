@@ -58,6 +58,9 @@ def main(cfg, s):
         raise KDTuneError(f"teacher_tokenizer: {'seq_kd' if s.seq_kd else 'on_policy_loss: sampled_reverse_kl'} "
                           f"needs the teacher's scores of the student's own tokens, which a teacher of another "
                           f"tokenizer does not give; use the divergence on its aligned spans (kd_loss: uld or hybrid_uld)")
+    if kd.teacher_tokenizer and kd.teacher_server:
+        raise KDTuneError("teacher_server: grading the student's completions across tokenizers needs the teacher "
+                          "itself (teacher_checkpointer); a served teacher of another tokenizer serves the KD recipes")
     # a teacher of another tokenizer reads each completion rewritten in its tokens, aligned with the student's
     retokenize = Retokenizer(tokenizer, kd.teacher_tokenizer, tokenizer.eos_ids) if kd.teacher_tokenizer else None
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer, **kd.dataset_args)  # prompts, reference replies if any

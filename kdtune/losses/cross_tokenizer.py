@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from kdtune.errors import KDTuneError
 from kdtune.losses.divergences import _check_temperature, _check_weight
 from kdtune.losses.linear import LinearCrossEntropyLoss
+from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import upcast
 from kdtune.modules.softcap import softcap
 
@@ -46,11 +47,20 @@ class AlignedTeacher:
     """The teacher's side of a cross-tokenizer batch: its final hidden states ``[B, T, d_t]`` over its
     own tokens ``[B, T]``, and the aligned spans ``[N, 5]``: batch row, student tokens ``[s0, s1)``,
     teacher tokens ``[t0, t1)`` (token indices; the first token of each is predicted at ``s0 - 1``
-    and ``t0 - 1``)."""
+    and ``t0 - 1``). A top-k teacher (served) gives, in place of hidden states and tokens, its rows
+    ``hidden`` as a `TeacherTopK` ``[B, T, k]`` and ``token_logprobs`` ``[B, T]``, the
+    log-probability at each position of the teacher token after it."""
 
-    hidden: torch.Tensor
-    tokens: torch.Tensor
+    hidden: object
+    tokens: torch.Tensor | None
     spans: torch.Tensor
+    token_logprobs: torch.Tensor | None = None
+
+    def to(self, device) -> "AlignedTeacher":
+        move = (lambda t: None if t is None else t.to(device))
+        hidden = TeacherTopK(move(self.hidden.logprobs), move(self.hidden.ids)) \
+            if isinstance(self.hidden, TeacherTopK) else move(self.hidden)
+        return AlignedTeacher(hidden, move(self.tokens), move(self.spans), move(self.token_logprobs))
 
 
 def span_log_vectors(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
@@ -71,11 +81,17 @@ def span_log_vectors(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     return log_v + torch.zeros(len(rows), dtype=log_v.dtype, device=log_v.device).index_add(0, span, token_log_p)[:, None]
 
 
-def sorted_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per row, ``sum |sort(a) - sort(b)|`` (decreasing), the narrower one padded with zeros."""
+def sorted_l1(a: torch.Tensor, b: torch.Tensor, b_tail: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, ``sum |sort(a) - sort(b)|`` (decreasing), the narrower one padded with zeros. With
+    ``b_tail`` (``b`` holds a top-k teacher's values, the rest of its mass unknown) the entries of
+    ``a`` past b's width are compared as one sum with ``b_tail``: a lower bound of the distance
+    (the triangle inequality), exact when the tail is empty."""
     a, b = a.sort(-1, descending=True).values, b.sort(-1, descending=True).values
     width = min(a.shape[-1], b.shape[-1])
-    return (a[:, :width] - b[:, :width]).abs().sum(-1) + a[:, width:].sum(-1) + b[:, width:].sum(-1)
+    head = (a[:, :width] - b[:, :width]).abs().sum(-1) + b[:, width:].sum(-1)
+    if b_tail is None:
+        return head + a[:, width:].sum(-1)
+    return head + (a[:, width:].sum(-1) - b_tail).abs()
 
 
 class CrossTokenizerLoss(nn.Module):
@@ -110,6 +126,12 @@ class CrossTokenizerLoss(nn.Module):
         """``[n]``: each span's distance between the student's and the teacher's log-vectors."""
         raise NotImplementedError
 
+    def topk_span_values(self, log_vs: torch.Tensor, log_vt: torch.Tensor, ids: torch.Tensor,
+                         tail: torch.Tensor) -> torch.Tensor:
+        """``[n]``: the same against a top-k teacher: its log-vector ``[n, k]`` on ``ids`` and the
+        mass ``[n]`` of the rest of its vector; equal to `span_values` when k is the vocabulary."""
+        raise NotImplementedError
+
     def forward(self, student_hidden, student_weight, teacher, teacher_weight, labels, *, kd_ratio: float,
                 num_tokens: int, temperature: float | None = None):
         if not isinstance(teacher, AlignedTeacher):
@@ -120,7 +142,14 @@ class CrossTokenizerLoss(nn.Module):
         kd = student_hidden.new_zeros((), dtype=torch.float32)
         if kd_ratio == 0 or len(spans) == 0:
             return ce, kd
-        weight_s, weight_t = student_weight[: self.vocab_size], teacher_weight[: self.teacher_vocab_size]
+        weight_s = student_weight[: self.vocab_size]
+        if isinstance(teacher.hidden, TeacherTopK):  # a top-k teacher: its rows are all there is of it
+            for begin in range(0, len(spans), self.chunk_size):
+                chunk = spans[begin : begin + self.chunk_size]
+                kd = kd + checkpoint(self._chunk_topk, student_hidden, weight_s, labels, teacher.hidden.logprobs,
+                                     teacher.hidden.ids, teacher.token_logprobs, chunk, t, use_reentrant=False)
+            return ce, kd / num_tokens
+        weight_t = teacher_weight[: self.teacher_vocab_size]
         teacher_targets = F.pad(teacher.tokens[:, 1:], (0, 1))  # the token after each position
         for begin in range(0, len(spans), self.chunk_size):
             chunk = spans[begin : begin + self.chunk_size]
@@ -136,12 +165,31 @@ class CrossTokenizerLoss(nn.Module):
                                       temperature=temperature, cap=self.teacher_softcap)
         return (self.span_values(log_vs, log_vt) * (s1 - s0)).sum()
 
+    def _chunk_topk(self, hidden, weight, labels, logprobs, ids, token_logprobs, chunk, temperature):
+        """A chunk against a top-k teacher: its rows are at the temperature already (the served rows
+        are tempered when fetched), and its later tokens' log-probabilities at temperature 1."""
+        rows, s0, s1, t0, t1 = chunk.unbind(1)
+        log_vs = span_log_vectors(hidden, weight, labels, rows, s0, s1, temperature=temperature, cap=self.student_softcap)
+        extra = t1 - t0 - 1
+        span = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), extra)
+        within = torch.arange(len(span), device=rows.device) - torch.repeat_interleave(extra.cumsum(0) - extra, extra)
+        dtype = log_vs.dtype
+        later = torch.zeros(len(rows), dtype=dtype, device=rows.device).index_add(
+            0, span, token_logprobs[rows[span], t0[span] + within].to(dtype))  # each later token at t0 + i
+        first = logprobs[rows, t0 - 1].to(dtype)
+        log_vt = first + later[:, None]
+        tail = (-torch.expm1(first.logsumexp(-1))).clamp_min(0) * later.exp()
+        return (self.topk_span_values(log_vs, log_vt, ids[rows, t0 - 1], tail) * (s1 - s0)).sum()
+
 
 class ULDLoss(CrossTokenizerLoss):
     """Universal Logit Distillation: the L1 distance between the sorted span vectors (module docstring)."""
 
     def span_values(self, log_vs, log_vt):
         return sorted_l1(log_vs.exp(), log_vt.exp())
+
+    def topk_span_values(self, log_vs, log_vt, ids, tail):
+        return sorted_l1(log_vs.exp(), log_vt.exp(), tail)
 
 
 class HybridULDLoss(CrossTokenizerLoss):
@@ -168,6 +216,23 @@ class HybridULDLoss(CrossTokenizerLoss):
         self.teacher_rest = torch.ones(self.teacher_vocab_size, dtype=torch.bool).index_fill(0, self.teacher_ids, False)
         self.weight_of_matched = self.matched_weight if self.matched_weight is not None else \
             len(teacher_ids) / self.teacher_vocab_size
+
+    def topk_span_values(self, log_vs, log_vt, ids, tail):
+        """The matched part over the matched ids among the teacher's k; everything else (the
+        student's other entries, the teacher's unmatched k and its tail) to ULD with the tail bucket."""
+        device = log_vs.device
+        to_student = torch.full((self.teacher_vocab_size,), -1, dtype=torch.long, device=device)
+        to_student[self.teacher_ids.to(device)] = self.student_ids.to(device)
+        mapped = to_student[ids]  # [n, k]: the student's id of each of the teacher's, or -1
+        matched = mapped >= 0
+        log_q = log_vs.gather(-1, mapped.clamp_min(0))
+        p, q = log_vt.exp(), log_q.exp()
+        kl = torch.where(matched, p * (log_vt - log_q) - p + q, 0).sum(-1)
+        taken = torch.zeros_like(log_vs, dtype=torch.long).scatter_add(-1, mapped.clamp_min(0), matched.long()) > 0
+        rest_s = torch.where(taken, 0.0, log_vs.exp())  # the student's entries not matched in the teacher's k
+        rest_t = torch.where(matched, 0.0, p)
+        rest = sorted_l1(rest_s, rest_t, tail)
+        return self.weight_of_matched * kl + (1 - self.weight_of_matched) * rest
 
     def span_values(self, log_vs, log_vt):
         device = log_vs.device

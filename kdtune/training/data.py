@@ -168,6 +168,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
             value = value.to(device)
         elif isinstance(value, TeacherTopK):
             value = TeacherTopK(value.logprobs.to(device), value.ids.to(device))
+        elif hasattr(value, "spans"):  # an AlignedTeacher (a served teacher of another tokenizer)
+            value = value.to(device)
         moved[key] = value
     return moved
 

@@ -19,6 +19,7 @@ from kdtune.losses.cross_tokenizer import CrossTokenizerLoss
 from kdtune.offline.dataset import collate_with_teacher_topk, join_teacher_cache
 from kdtune.offline.index import read_index
 from kdtune.serving import ServedTeacher, ServedTeacherDataset
+from kdtune.serving.dataset import collate_aligned_topk
 from kdtune.tokenization import load_tokenizer
 
 
@@ -91,10 +92,11 @@ def distillation_parts(cfg: DictConfig) -> DistillationParts:
     if teacher_tokenizer is not None:
         divergence = build_cross_tokenizer_loss(cfg.kd_loss)
         divergence.setup(tokenizer, teacher_tokenizer, student_softcap=checkpointer.model_args.final_logit_softcapping,
-                         teacher_softcap=teacher_checkpointer.model_args.final_logit_softcapping)
+                         teacher_softcap=teacher_checkpointer.model_args.final_logit_softcapping
+                         if teacher_checkpointer else None)
     else:
         divergence = build_divergence(cfg.kd_loss, vocab_size=vocab_size)
-    served = None if server is None else served_teacher(server, tokenizer, divergence.temperature)
+    served = None if server is None else served_teacher(server, teacher_tokenizer or tokenizer, divergence.temperature)
     return DistillationParts(tokenizer, checkpointer, teacher_checkpointer, divergence, cache or None, hidden, served,
                              teacher_tokenizer)
 
@@ -114,14 +116,19 @@ def cross_tokenizer(cfg, cache, server, teacher_checkpointer):
     if not is_cross:
         raise KDTuneError(f"teacher_tokenizer: with a teacher of another tokenizer kd_loss must be a cross-tokenizer "
                           f"loss ({', '.join(CROSS_TOKENIZER_LOSSES)}), got '{name}'")
-    for key, value in (("teacher_logits_cache", cache), ("teacher_server", server),
-                       ("hidden_state_loss", cfg.get("hidden_state_loss"))):
+    for key, value in (("teacher_logits_cache", cache), ("hidden_state_loss", cfg.get("hidden_state_loss"))):
         if value is not None:
             raise KDTuneError(f"{key}: not supported with teacher_tokenizer yet; distill from the teacher itself "
-                              f"(teacher_checkpointer), matching output distributions only")
+                              f"(teacher_checkpointer or teacher_server), matching output distributions only")
+    temperature = (cfg.get("kd_loss") or {}).get("temperature", 1.0)
+    if server is not None and temperature != 1:
+        raise KDTuneError(f"kd_loss.temperature: a served teacher of another tokenizer scores a span's later tokens "
+                          f"at temperature 1 (vLLM's), so the loss's must be 1 too, got {temperature}")
     if not Path(str(path)).expanduser().is_dir():
         raise KDTuneError(f"teacher_tokenizer: no such folder: {path}")
     teacher_tokenizer = load_tokenizer(Path(str(path)).expanduser())
+    if teacher_checkpointer is None:  # a served teacher: the server is checked against this tokenizer
+        return teacher_tokenizer
     rows = text_config(read_config(Path(teacher_checkpointer.checkpoint_dir)))["vocab_size"]
     if scored_vocab_size(rows, teacher_tokenizer.vocab_size, teacher_tokenizer.marker_ids) is None:
         raise KDTuneError(f"teacher_tokenizer: {path} has {teacher_tokenizer.vocab_size:,} tokens but the teacher "
@@ -162,7 +169,8 @@ def join_teacher(dataset, kd: DistillationParts):
     teacher cache or of the served teacher when the run distills from one (batches then carry
     ``teacher_topk``), else ``dataset`` and `collate` as they are."""
     if kd.teacher_server is not None:
-        return ServedTeacherDataset(dataset, kd.teacher_server), collate_with_teacher_topk
+        joined = ServedTeacherDataset(dataset, kd.teacher_server)
+        return joined, collate_aligned_topk if kd.teacher_tokenizer is not None else collate_with_teacher_topk
     return join_teacher_cache(dataset, kd.teacher_cache, tokenizer=kd.tokenizer, temperature=kd.divergence.temperature)
 
 

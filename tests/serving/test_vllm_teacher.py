@@ -43,7 +43,7 @@ def student(vllm_server, tmp_path_factory):
     return small_llama(vllm_server["checkpoint"], tmp_path_factory.mktemp("student") / "student")
 
 
-def served(vllm_server, **options) -> list[str]:
+def served_args(vllm_server, **options) -> list[str]:
     """The overrides that put the served teacher in a config's place of the teacher checkpoint."""
     options = {"base_url": vllm_server["base_url"], "model": vllm_server["model"], "top_k": K, **options}
     return ["~teacher_checkpointer", *(f"+teacher_server.{key}={value}" for key, value in options.items())]
@@ -89,7 +89,7 @@ def test_a_cache_from_the_server_equals_one_from_the_local_teacher(vllm_server, 
     local = run_kdtune(*cache_args(tmp_path, "local", chats, checkpoint, "logprob_dtype=fp32",
                                    f"teacher_checkpointer.checkpoint_dir={checkpoint}", "teacher.dtype=fp32"))
     assert local.returncode == 0, local.stderr
-    remote = run_kdtune(*cache_args(tmp_path, "served", chats, checkpoint, *served(vllm_server)))  # q8, the default
+    remote = run_kdtune(*cache_args(tmp_path, "served", chats, checkpoint, *served_args(vllm_server)))  # q8, the default
     assert remote.returncode == 0, remote.stderr
     want, want_ids, _ = cached_rows(tmp_path / "local")
     got, got_ids, index = cached_rows(tmp_path / "served")
@@ -116,7 +116,7 @@ def test_kd_from_the_server_takes_the_steps_of_kd_from_the_local_teachers_top_k(
     local = run_kdtune(*kd_args(tmp_path, "local", chats, student, "~teacher_checkpointer",
                                 f"+teacher_logits_cache={tmp_path / 'cache'}"))
     assert local.returncode == 0, local.stderr
-    remote = run_kdtune(*kd_args(tmp_path, "served", chats, student, *served(vllm_server)))
+    remote = run_kdtune(*kd_args(tmp_path, "served", chats, student, *served_args(vllm_server)))
     assert remote.returncode == 0, remote.stderr
     want, got = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("local", "served"))
     assert len(got) == len(want) == 5
@@ -132,7 +132,7 @@ def test_on_policy_distillation_grades_the_students_samples_through_the_server(v
     proc = run_kdtune("run", "on_policy_distillation_single_device", "--config", "tiny/GKD_single_device",
                       f"output_dir={tmp_path / 'gkd'}", f"checkpointer.checkpoint_dir={student}",
                       f"dataset.data_files={prompts}", "dataset.source=jsonl", "lmbda=1.0", "batch_size=4", "max_steps_per_epoch=2", "generation.max_new_tokens=8",
-                      *served(vllm_server))
+                      *served_args(vllm_server))
     assert proc.returncode == 0, proc.stderr
     metrics = read_metrics(tmp_path / "gkd" / "metrics.jsonl")
     assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) and m["loss"] > 0 for m in metrics)
@@ -144,7 +144,7 @@ def test_a_server_killed_mid_cache_is_one_line_and_the_rerun_finishes_the_cache(
     server = VLLMServer(checkpoint, tmp_path, "--max-logprobs", "64").start()
     try:
         options = {"base_url": server.info["base_url"], "max_concurrency": 1, "retries": 1}
-        args = cache_args(tmp_path, "cache", chats, checkpoint, "batch_size=1", *served(vllm_server, **options))
+        args = cache_args(tmp_path, "cache", chats, checkpoint, "batch_size=1", *served_args(vllm_server, **options))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("KDTUNE_DEBUG", None)
         run = subprocess.Popen([sys.executable, "-m", "kdtune.cli.main", *map(str, args)], env=env, text=True,
@@ -163,7 +163,7 @@ def test_a_server_killed_mid_cache_is_one_line_and_the_rerun_finishes_the_cache(
     finally:
         server.stop()
     assert proc.returncode == 0, proc.stderr
-    full = run_kdtune(*cache_args(tmp_path, "whole", chats, checkpoint, *served(vllm_server)))
+    full = run_kdtune(*cache_args(tmp_path, "whole", chats, checkpoint, *served_args(vllm_server)))
     assert full.returncode == 0, full.stderr
     resumed, resumed_ids, index = cached_rows(tmp_path / "cache")
     whole, whole_ids, _ = cached_rows(tmp_path / "whole")
@@ -183,11 +183,11 @@ def test_a_server_that_is_not_the_teacher_is_one_line_and_nothing_is_written(vll
         options, message = {"model": "Llama-3.1-70B-Instruct"}, "serves 'smollm2', not 'Llama-3.1-70B-Instruct'"
     else:
         tokenizer_dir, message = ASSETS / "qwen2_5_tokenizer", "tokenizer differs from the student's"
-    proc = run_kdtune(*cache_args(tmp_path, "cache", chats, tokenizer_dir, *served(vllm_server, **options)))
+    proc = run_kdtune(*cache_args(tmp_path, "cache", chats, tokenizer_dir, *served_args(vllm_server, **options)))
     assert_user_error(proc, message)
     assert not (tmp_path / "cache").exists()
     if case != "other tokenizer":
-        proc = run_kdtune(*kd_args(tmp_path, "kd", chats, student, *served(vllm_server, **options)))
+        proc = run_kdtune(*kd_args(tmp_path, "kd", chats, student, *served_args(vllm_server, **options)))
         assert_user_error(proc, message)
         assert not (tmp_path / "kd").exists()
 
@@ -202,7 +202,7 @@ def test_two_processes_distill_from_the_server_as_one_does_validation_included(v
                           "max_steps_per_epoch=3", "lr_scheduler.num_warmup_steps=0",
                           "+validation.dataset._component_=chat", f"+validation.dataset.data_files={chats}",
                           "+validation.dataset.source=jsonl", "+validation.every_n_steps=3",
-                          "+validation.batch_size=2", *served(vllm_server))
+                          "+validation.batch_size=2", *served_args(vllm_server))
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = read_metrics(out / "metrics.jsonl")
     assert len(runs["single"]) == len(runs["sharded"]) == 3
@@ -211,3 +211,62 @@ def test_two_processes_distill_from_the_server_as_one_does_validation_included(v
             assert two[key] == pytest.approx(one[key], rel=1e-4), (key, one, two)
     for key in ("val_loss", "val_kd_loss", "val_kl"):
         assert runs["sharded"][-1][key] == pytest.approx(runs["single"][-1][key], rel=1e-4), key
+
+
+@pytest.fixture(scope="module")
+def mistral_student(tmp_path_factory):
+    """A small random student that reads Mistral v0.3's vocabulary: another tokenizer than the teacher's."""
+    from kdtune.checkpointing import write_random_checkpoint
+    from tests.recipes.conftest import tiny_config
+
+    folder = write_random_checkpoint(dict(tiny_config(2, 64, 4, 2), vocab_size=32768),
+                                     tmp_path_factory.mktemp("mistral_student") / "student")
+    for f in (ASSETS / "mistral_v3_tokenizer").iterdir():
+        if f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def test_a_served_teacher_of_another_tokenizer_gives_the_local_teachers_rows_and_loss(vllm_server, chats,
+                                                                                      mistral_student, tmp_path):
+    """Across tokenizers the server is asked about its own encoding of each sample: its rows at the
+    positions the aligned spans read equal the local teacher's, the hybrid loss from them equals the
+    loss from the local teacher's top-k, and the KD recipe distills from the server."""
+    from kdtune.losses import AlignedTeacher, HybridULDLoss, TeacherTopK
+    from kdtune.serving.dataset import ServedTeacherDataset, collate_aligned_topk
+
+    checkpoint = vllm_server["checkpoint"]
+    tok, teacher_tok, teacher = kdtune.load_tokenizer(mistral_student), kdtune.load_tokenizer(checkpoint), \
+        kdtune.load_model(checkpoint)
+    server = ServedTeacher(base_url=vllm_server["base_url"], model=vllm_server["model"], top_k=K,
+                           vocab_size=teacher_tok.vocab_size)
+    server.check(teacher_tok)
+    data = chat_dataset(tok, data_files=str(chats), source="jsonl", teacher_tokenizer=teacher_tok)
+    batch = collate_aligned_topk(ServedTeacherDataset(data, server).__getitems__(list(range(4))), tok.pad_id)
+    served = batch["teacher_topk"]
+    with torch.no_grad():
+        log_p = (teacher(batch["teacher_tokens"], return_hidden=True) @ teacher.output_weight.T).log_softmax(-1)
+    top = log_p.topk(K)
+    after = torch.nn.functional.pad(batch["teacher_tokens"][:, 1:], (0, 1))
+    own = log_p.gather(-1, after[..., None])[..., 0]
+    fetched = served.token_logprobs != 0
+    same = (served.hidden.ids == top.indices).all(-1) & fetched
+    assert same.sum() > 0.95 * fetched.sum()
+    torch.testing.assert_close(served.hidden.logprobs[same], top.values[same], atol=1e-4, rtol=0)
+    torch.testing.assert_close(served.token_logprobs[fetched], own[fetched], atol=1e-4, rtol=0)
+    loss = HybridULDLoss()
+    loss.setup(tok, teacher_tok)
+    student = kdtune.load_model(mistral_student)
+    hidden = student(batch["tokens"], return_hidden=True)
+    local = AlignedTeacher(TeacherTopK(top.values, top.indices), None, batch["spans"], own)
+    heads = (hidden, student.output_weight)
+    kd_served = loss(*heads, served, None, batch["labels"], kd_ratio=1.0, num_tokens=100)[1]
+    kd_local = loss(*heads, local, None, batch["labels"], kd_ratio=1.0, num_tokens=100)[1]
+    assert kd_served.item() == pytest.approx(kd_local.item(), rel=1e-3)
+    proc = run_kdtune("run", "knowledge_distillation_single_device", "--config", "tiny/KD_full_single_device",
+                      f"output_dir={tmp_path / 'kd'}", f"checkpointer.checkpoint_dir={mistral_student}", "dataset=chat",
+                      f"dataset.data_files={chats}", "dataset.source=jsonl", "batch_size=4", "max_steps_per_epoch=3",
+                      *served_args(vllm_server), f"+teacher_tokenizer={checkpoint}", "kd_loss._component_=hybrid_uld")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "kd" / "metrics.jsonl")
+    assert len(metrics) == 3 and all(0 < m["kd_loss"] < 50 for m in metrics)

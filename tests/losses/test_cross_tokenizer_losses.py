@@ -147,3 +147,38 @@ def test_real_vocabularies_match_by_bytes():
     # a letter Mistral has both as a piece and as a byte piece matches the piece
     assert pairs[qwen._tok.token_to_id("A")] == mistral._tok.token_to_id("A") not in m_fallback
     assert 25_000 < len(pairs) < mistral.vocab_size
+
+
+def topk_teacher(x, k):
+    """The teacher's top-k rows (float64 log-probabilities, decreasing) and each position's
+    log-probability of the teacher token after it, as a served teacher gives them."""
+    from kdtune.losses import TeacherTopK
+
+    log_p = (x["teacher"] @ x["teacher_weight"][:VT].T).log_softmax(-1)
+    top = log_p.topk(k)
+    after = torch.nn.functional.pad(x["t_tokens"][:, 1:], (0, 1))
+    return TeacherTopK(top.values, top.indices), log_p.gather(-1, after[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("name", ["uld", "hybrid"])
+def test_a_top_k_teacher_with_every_token_is_the_dense_teacher(name):
+    """With k the whole vocabulary the top-k path gives the dense loss and gradients; with k = 4
+    ULD is a lower bound of the dense distance (the tail compared as one sum)."""
+    x = batch(3)
+    loss = ULDLoss() if name == "uld" else HybridULDLoss()
+    loss.set_vocabularies(VS, VT)
+    if name == "hybrid":
+        loss.set_matches(*MATCHES)
+    dense = AlignedTeacher(x["teacher"], x["t_tokens"], x["spans"])
+    args = (x["hidden"], x["weight"])
+    _, want = loss(*args, dense, x["teacher_weight"], x["labels"], kd_ratio=1.0, num_tokens=20)
+    rows, own = topk_teacher(x, VT)
+    _, got = loss(*args, AlignedTeacher(rows, None, x["spans"], own), None, x["labels"], kd_ratio=1.0, num_tokens=20)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    for g, e in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, args)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    rows, own = topk_teacher(x, 4)
+    _, small = loss(*args, AlignedTeacher(rows, None, x["spans"], own), None, x["labels"], kd_ratio=1.0, num_tokens=20)
+    assert torch.isfinite(small) and small > 0
+    if name == "uld":
+        assert small <= want + 1e-12

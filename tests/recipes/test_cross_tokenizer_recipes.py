@@ -75,6 +75,8 @@ def test_two_processes_train_as_one(world, other_teacher, tmp_path):
     ("divergence_across", ["teacher_tokenizer", "cross-tokenizer", "'forward_kl'"]),
     ("packed", ["packed", "teacher_tokenizer"]),
     ("not_the_teachers", ["teacher_tokenizer", "not the teacher's tokenizer", "token id 0"]),
+    ("from_a_cache", ["teacher_logits_cache", "teacher_tokenizer"]),
+    ("served_at_temperature_2", ["kd_loss.temperature", "temperature 1"]),
 ])
 def test_what_cannot_work_is_one_line(world, other_teacher, tmp_path, case, fragments):
     out = tmp_path / case
@@ -84,7 +86,12 @@ def test_what_cannot_work_is_one_line(world, other_teacher, tmp_path, case, frag
             "divergence_across": [*base, f"+teacher_tokenizer={other_teacher}"],
             "packed": [*cross(world, other_teacher, out), "dataset.packed=true", "dataset.max_seq_len=64"],
             "not_the_teachers": [*cross(world, other_teacher, out)[:-2], f"+teacher_tokenizer={world['student']}",
-                                 "kd_loss._component_=uld"]}[case]
+                                 "kd_loss._component_=uld"],
+            "from_a_cache": [*cross(world, other_teacher, out), "~teacher_checkpointer",
+                             f"+teacher_logits_cache={out.parent / 'no_cache'}"],
+            "served_at_temperature_2": [*cross(world, other_teacher, out), "~teacher_checkpointer",
+                                        "+teacher_server.base_url=http://127.0.0.1:9/v1", "+teacher_server.model=t",
+                                        "kd_loss.temperature=2.0"]}[case]
     assert_user_error(run(args, expect=2), *fragments)
     assert not out.exists()
 
