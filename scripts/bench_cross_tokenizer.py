@@ -9,7 +9,7 @@ batch 4. One step = student forward + teacher forward + loss + backward + AdamW.
 its own process (peak memory is its own); the time is the median of ``--steps`` after one warm-up
 step, with ratios against the fused same-tokenizer step of this run.
 
-    python scripts/bench_cross_tokenizer.py [--steps 5] [--samples 1000]
+    python scripts/bench_cross_tokenizer.py [--steps 5] [--samples 1000] [--device cpu]
 """
 
 import argparse
@@ -54,7 +54,7 @@ def model(shape, vocab):
                                         tie_word_embeddings=True))
 
 
-def one_case(name: str, steps: int, data: Path) -> dict:
+def one_case(name: str, steps: int, data: Path, device: str = "cpu") -> dict:
     import torch
 
     import kdtune
@@ -68,7 +68,7 @@ def one_case(name: str, steps: int, data: Path) -> dict:
     cross = loss_name != "forward_kl"
     dataset = chat_dataset(s_tok, source="jsonl", data_files=str(data), max_seq_len=512,
                            **({"teacher_tokenizer": t_tok} if cross else {}))
-    student, teacher = model(STUDENT, s_tok.vocab_size), model(TEACHER, t_tok.vocab_size).eval()
+    student, teacher = model(STUDENT, s_tok.vocab_size).to(device), model(TEACHER, t_tok.vocab_size).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     if cross:
@@ -79,7 +79,9 @@ def one_case(name: str, steps: int, data: Path) -> dict:
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     times, tokens = [], 0
     for step in range(steps + 1):
-        batch = collate([dataset[(4 * step + i) % len(dataset)] for i in range(4)], s_tok.pad_id)
+        batch = {k: v.to(device) for k, v in collate([dataset[(4 * step + i) % len(dataset)] for i in range(4)],
+                                                     s_tok.pad_id).items()}
+        sync(device)
         start = time.perf_counter()
         hidden = student(batch["tokens"], return_hidden=True)
         num_tokens = int((batch["labels"] != -100).sum())
@@ -91,11 +93,20 @@ def one_case(name: str, steps: int, data: Path) -> dict:
         (0.5 * ce + 0.5 * kd).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
         if step:  # the first is a warm-up
             times.append(time.perf_counter() - start)
             tokens += int(batch["tokens"].numel())
-    return {"seconds": statistics.median(times), "tokens_per_second": tokens / sum(times),
-            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"seconds": statistics.median(times), "tokens_per_second": tokens / sum(times), "peak_gb": peak}
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def alignment_cost(samples: int, data: Path) -> dict:
@@ -116,17 +127,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(one_case(args.case, args.steps, Path(args.data))))
+        print(json.dumps(one_case(args.case, args.steps, Path(args.data), args.device)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = chats(Path(tmp) / "chats.jsonl", 64)
         results = {}
         for name in CASES:
-            proc = subprocess.run([sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--data", str(data)],
+            proc = subprocess.run([sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--data", str(data),
+                                   "--device", args.device],
                                   capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(proc.stderr[-3000:])
