@@ -66,7 +66,7 @@ def forward_flops(args, tokens: int) -> float:
     return 2 * tokens * (args.num_layers * linear + args.vocab_size * args.hidden_size) + tokens * args.num_layers * attention
 
 
-def gemm_rate(dtype_name: str, d: int, device: str = "cpu") -> float:
+def gemm_rate(dtype_name: str, d: int, device: str = "cpu", seconds: float = 2.0) -> float:
     """FLOP/s of torch.mm at an output head's shape: [256, d] x [d, V]."""
     import torch
 
@@ -75,7 +75,7 @@ def gemm_rate(dtype_name: str, d: int, device: str = "cpu") -> float:
     torch.mm(a, b)
     _sync(device)
     best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < 2.0:
+    while time.perf_counter() - start < seconds:
         call = time.perf_counter()
         torch.mm(a, b)
         _sync(device)
@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--vocab", type=int, default=VOCAB, help="both models' vocabulary (default: Qwen2's)")
     parser.add_argument("--json", help="also write the rows and GEMM rates to this file")
+    parser.add_argument("--gemm-seconds", type=float, default=2.0, help="how long each GEMM rate is timed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -238,11 +239,11 @@ def main() -> None:
         return
     if args.gemm:
         teacher, student = SHAPES[args.shape]
-        print(json.dumps({"student": gemm_rate(args.dtype, student[0], args.device),
-                          "teacher": gemm_rate(args.dtype, teacher[0], args.device)}))
+        print(json.dumps({"student": gemm_rate(args.dtype, student[0], args.device, args.gemm_seconds),
+                          "teacher": gemm_rate(args.dtype, teacher[0], args.device, args.gemm_seconds)}))
         return
     common = ["--tokens", str(args.tokens), "--steps", str(args.steps), "--dtype", args.dtype, "--shape", args.shape,
-              "--device", args.device, "--vocab", str(args.vocab)]
+              "--device", args.device, "--vocab", str(args.vocab), "--gemm-seconds", str(args.gemm_seconds)]
     rates = json.loads(subprocess.run([sys.executable, __file__, "--gemm", *common], check=True, capture_output=True,
                                       text=True).stdout.strip().splitlines()[-1])
     rows = []

@@ -168,7 +168,7 @@ def generation(device: str, dry: bool) -> dict:
 
 def bench(device: str, dry: bool, out: Path) -> dict:
     result = out / "bench_kd_step.json"
-    args = ("--shape", "tiny", "--tokens", "512", "--steps", "1", "--vocab", "4096") if dry else \
+    args = ("--shape", "tiny", "--tokens", "512", "--steps", "1", "--vocab", "4096", "--gemm-seconds", "0.2") if dry else \
         ("--shape", "qwen1.5b_to_0.5b", "--tokens", "4096", "--steps", "5", "--dtype", "bf16")
     run = script("bench_kd_step.py", *args, "--device", device, "--forms", "full,chunked,fused", "--json", result)
     if run["ok"]:

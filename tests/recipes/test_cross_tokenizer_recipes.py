@@ -11,6 +11,7 @@ from kdtune.training import read_metrics
 from kdtune.training.models import LORA_KEYS
 from tests.cli_utils import REPO, assert_user_error, run_kdtune
 from tests.recipes.conftest import kd_overrides, tiny_config
+from tests.recipes.test_bad_input import run_in_process
 
 MISTRAL = REPO / "tests" / "assets" / "mistral_v3_tokenizer"
 TORCHRUN = ("--nproc_per_node", "2", "--standalone")
@@ -78,7 +79,7 @@ def test_two_processes_train_as_one(world, other_teacher, tmp_path):
     ("from_a_cache", ["teacher_logits_cache", "teacher_tokenizer"]),
     ("served_at_temperature_2", ["kd_loss.temperature", "temperature 1"]),
 ])
-def test_what_cannot_work_is_one_line(world, other_teacher, tmp_path, case, fragments):
+def test_what_cannot_work_is_one_line(world, other_teacher, tmp_path, case, fragments, capsys):
     out = tmp_path / case
     base = [*kd_overrides(world, out), f"teacher_checkpointer.checkpoint_dir={other_teacher}"]
     args = {"no_teacher_tokenizer": base,
@@ -92,7 +93,12 @@ def test_what_cannot_work_is_one_line(world, other_teacher, tmp_path, case, frag
             "served_at_temperature_2": [*cross(world, other_teacher, out), "~teacher_checkpointer",
                                         "+teacher_server.base_url=http://127.0.0.1:9/v1", "+teacher_server.model=t",
                                         "kd_loss.temperature=2.0"]}[case]
-    assert_user_error(run(args, expect=2), *fragments)
+    code, err = run_in_process("knowledge_distillation_single_device", ["--config", "tiny/KD_single_device", *args],
+                               capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("kdtune: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
     assert not out.exists()
 
 
