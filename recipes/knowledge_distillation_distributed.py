@@ -68,11 +68,12 @@ def main(cfg, s):
     # each model's final-logit cap (Gemma 2), applied to its logits in every loss form; a cache holds capped rows
     caps = dict(student_softcap=student.args.final_logit_softcapping,
                 teacher_softcap=teacher.args.final_logit_softcapping if teacher else None)
-    kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size, **caps)
-    kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
-                                 chunk_size=s.loss_chunk_size, **caps)  # validation's val_kl, whatever kd_loss is
     if kd.teacher_tokenizer:  # the teacher's tokenizer differs: the loss compares aligned spans (uld, hybrid_uld),
         kd_loss = kl_to_teacher = kd.divergence  # and val_kl is that loss too (no per-token KL exists across vocabularies)
+    else:
+        kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size, **caps)
+        kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
+                                     chunk_size=s.loss_chunk_size, **caps)  # validation's val_kl, whatever kd_loss is
     save = distributed.sharded_saver(kd.checkpointer, student, run.dist)  # full weights from rank 0, optimizer shards
     state = training.TrainingState(run.dist)
     state.register("optimizer", run.dist.optimizer_state(trained, optimizer))

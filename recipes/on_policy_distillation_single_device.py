@@ -115,14 +115,15 @@ def main(cfg, s):
     # each model's final-logit cap (Gemma 2), applied to its logits in every loss form; a cache holds capped rows
     caps = dict(student_softcap=student.args.final_logit_softcapping,
                 teacher_softcap=teacher.args.final_logit_softcapping if teacher else None)
-    kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size, **caps)
+    if kd.teacher_tokenizer:  # the teacher's tokenizer differs: the loss compares aligned spans (uld, hybrid_uld),
+        kd_loss = kl_to_teacher = kd.divergence  # and val_kl is that loss too (no per-token KL exists across vocabularies)
+    else:
+        kd_loss = LinearKDLoss(kd.divergence, form=s.loss_form, chunk_size=s.loss_chunk_size, **caps)
+        kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
+                                     chunk_size=s.loss_chunk_size, **caps)  # validation's val_kl, whatever kd_loss is
     # on_policy_loss: sampled_reverse_kl scores the student's own completions by a policy gradient instead
     sampled_kl = SampledReverseKLLoss(vocab_size=kd.divergence.vocab_size, softcap_value=caps["student_softcap"],
                                       chunk_size=s.loss_chunk_size) if s.on_policy_loss == "sampled_reverse_kl" else None
-    kl_to_teacher = LinearKDLoss(ForwardKLLoss(vocab_size=kd.divergence.vocab_size), form=s.loss_form,
-                                 chunk_size=s.loss_chunk_size, **caps)  # validation's val_kl, whatever kd_loss is
-    if kd.teacher_tokenizer:  # the teacher's tokenizer differs: the loss compares aligned spans (uld, hybrid_uld),
-        kd_loss = kl_to_teacher = kd.divergence  # and val_kl is that loss too (no per-token KL exists across vocabularies)
     save = training.student_saver(kd.checkpointer, student)
     state = training.TrainingState(run.dist)
     state.register("optimizer", run.dist.optimizer_state(student, optimizer))

