@@ -51,7 +51,8 @@ def main(cfg, s):
     optimizer = instantiate(cfg.optimizer, params)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
     ce_loss = LinearCrossEntropyLoss(form=s.loss_form, chunk_size=s.loss_chunk_size,
-                                     softcap=model.args.final_logit_softcapping)  # Gemma 2 caps its logits
+                                     softcap=model.args.final_logit_softcapping,  # Gemma 2 caps its logits
+                                     compile=s.compile_loss)
     save = training.student_saver(checkpointer, model)
     state = training.TrainingState(run.dist)
     state.register("optimizer", run.dist.optimizer_state(model, optimizer))

@@ -113,7 +113,8 @@ def main(cfg, s):
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=s.epochs * steps.steps_per_epoch)
     # each model's final-logit cap (Gemma 2), applied to its logits in every loss form; a cache holds capped rows
     caps = dict(student_softcap=student.args.final_logit_softcapping,
-                teacher_softcap=teacher.args.final_logit_softcapping if teacher else None)
+                teacher_softcap=teacher.args.final_logit_softcapping if teacher else None,
+                compile=s.compile_loss)
     if kd.teacher_tokenizer:  # the teacher's tokenizer differs: the loss compares aligned spans (uld, hybrid_uld),
         kd_loss = kl_to_teacher = kd.divergence  # and val_kl is that loss too (no per-token KL exists across vocabularies)
     else:

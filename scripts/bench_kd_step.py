@@ -14,12 +14,18 @@ The share of the GEMM rate is the time the step's matmul FLOPs (linear layers, c
 output heads; the student's three times for forward and backward) would take at the rate torch.mm
 reaches at each model's output-head shape, measured in the same run, over the step's time (the
 fastest of ``--steps``; the GEMM rate is likewise a best, over 2 s of calls).
+``fused`` compiles its per-block math at this vocabulary (``compile_loss``'s default);
+``fused_eager`` is the same loss with compiling off. ``--repeats N`` runs every form N times,
+alternated, and shows each form's median run with the range; the first step (allocation, and the
+loss's compile where it compiles) is shown apart. ``--seq`` sets the sequence length, ``--softcap``
+caps both models' logits as Gemma 2 does.
 ``--breakdown`` adds where the fused step's time goes (torch.profiler). ``--device cuda`` runs on a
 GPU (times after a synchronize, peak memory as allocated by torch); ``chunked`` is the loss as
 torchtune computes it (logits of one sequence chunk at a time, through autograd), the baseline a GPU
 user compares with.
 
-    python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--steps 3] [--dtype fp32] [--device cpu] [--breakdown]
+    python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--seq 512] [--steps 3] [--dtype fp32]
+        [--forms full,chunked,fused,cached] [--repeats 1] [--softcap CAP] [--device cpu] [--breakdown]
 """
 
 import argparse
@@ -49,20 +55,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _args(hidden, intermediate, layers, heads, kv_heads):
+def _args(hidden, intermediate, layers, heads, kv_heads, softcap=None):
     from kdtune.models.args import ModelArgs
 
     return ModelArgs(model_type="qwen2", vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
                      num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads,
-                     norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, qkv_bias=True)
+                     norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, qkv_bias=True,
+                     final_logit_softcapping=softcap)
 
 
-def forward_flops(args, tokens: int) -> float:
-    """Matmul FLOPs of one forward over ``tokens`` (sequences of SEQ): linear layers, causal
+def forward_flops(args, tokens: int, seq: int = 512) -> float:
+    """Matmul FLOPs of one forward over ``tokens`` (sequences of ``seq``): linear layers, causal
     attention (half the scores), the output head."""
     kv = args.num_kv_heads * args.head_dim
     linear = args.hidden_size * (2 * args.hidden_size + 2 * kv) + 3 * args.hidden_size * args.intermediate_size
-    attention = 2 * SEQ * args.hidden_size  # QK^T and AV, causal: S/2 keys per query, 2 FLOPs a multiply-add
+    attention = 2 * seq * args.hidden_size  # QK^T and AV, causal: S/2 keys per query, 2 FLOPs a multiply-add
     return 2 * tokens * (args.num_layers * linear + args.vocab_size * args.hidden_size) + tokens * args.num_layers * attention
 
 
@@ -112,7 +119,7 @@ def _cached_batches(batch: dict, folder: str, k: int = 64):
 
 
 def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, breakdown: bool = False,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", seq: int = 512, softcap: float | None = None) -> dict:
     import torch
 
     from kdtune.losses import ForwardKLLoss, LinearKDLoss
@@ -121,15 +128,17 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    teacher_args, student_args = (_args(*dims) for dims in SHAPES[shape])
+    teacher_args, student_args = (_args(*dims, softcap=softcap) for dims in SHAPES[shape])
     student = TransformerDecoder(student_args).to(device=device, dtype=dtype)
     cached = form == "cached"
     teacher = None if cached else TransformerDecoder(teacher_args).to(device=device, dtype=dtype).requires_grad_(False).eval()
-    batch = {"tokens": torch.randint(0, VOCAB, (tokens // SEQ, SEQ))}
+    batch = {"tokens": torch.randint(0, VOCAB, (tokens // seq, seq))}
     batch["labels"] = torch.roll(batch["tokens"], -1, dims=1)
     batch["labels"][:, -1] = -100
     on_device = {k: v.to(device) for k, v in batch.items()}
-    kd_loss = LinearKDLoss(ForwardKLLoss(), form="fused" if cached else form, chunk_size=256)
+    caps = dict(student_softcap=softcap, teacher_softcap=softcap)
+    kd_loss = LinearKDLoss(ForwardKLLoss(), form="fused" if cached or form == "fused_eager" else form, chunk_size=256,
+                           compile=False if form == "fused_eager" else None, **caps)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     n = int((batch["labels"] != -100).sum())
     folder = tempfile.TemporaryDirectory()  # removed when the measurement ends
@@ -163,7 +172,9 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
             return torch.cuda.max_memory_allocated(device)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
-    step()  # warm-up: allocates the optimizer state and gradients, which every form needs alike
+    start = time.perf_counter()
+    step()  # warm-up: allocates the optimizer state and gradients, which every form needs alike, and compiles
+    first = time.perf_counter() - start
     sections.clear()
     base = peak_bytes()
     times, per_step = [], []
@@ -176,9 +187,10 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
     best = min(range(steps), key=times.__getitem__)  # the fastest step, as timeit reports: this shared
     seconds = times[best]  # machine's speed varies from run to run
     peak = peak_bytes()
-    student_flops = 3 * forward_flops(student_args, tokens)
-    teacher_flops = 0 if cached else forward_flops(teacher_args, tokens)
+    student_flops = 3 * forward_flops(student_args, tokens, seq)
+    teacher_flops = 0 if cached else forward_flops(teacher_args, tokens, seq)
     result = {"form": form, "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
+              "first_step_seconds": first,
               "flops_per_second": (student_flops + teacher_flops) / seconds,
               "student_flops": student_flops, "teacher_flops": teacher_flops, "peak_rss_gib": peak / 2**30,
               "extra_gib": max(peak - base, 0) / 2**30, "device": device,
@@ -220,7 +232,11 @@ def main() -> None:
     global VOCAB
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="small", choices=list(SHAPES))
-    parser.add_argument("--tokens", type=int, default=1024, help=f"tokens per step (multiple of {SEQ})")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (a multiple of --seq)")
+    parser.add_argument("--seq", type=int, default=SEQ, help="tokens per sequence")
+    parser.add_argument("--softcap", type=float, default=None, help="both models' final-logit cap (Gemma 2's 30)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every form, alternated; each form's median run is shown, with the range")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--forms", default="full,chunked,fused,cached")
@@ -235,7 +251,7 @@ def main() -> None:
     VOCAB = args.vocab
     if args.child:
         print(json.dumps(measure(args.child, args.tokens, args.steps, args.dtype, args.shape,
-                                 args.breakdown and args.child == "fused", args.device)))
+                                 args.breakdown and args.child == "fused", args.device, args.seq, args.softcap)))
         return
     if args.gemm:
         teacher, student = SHAPES[args.shape]
@@ -243,35 +259,53 @@ def main() -> None:
                           "teacher": gemm_rate(args.dtype, teacher[0], args.device, args.gemm_seconds)}))
         return
     common = ["--tokens", str(args.tokens), "--steps", str(args.steps), "--dtype", args.dtype, "--shape", args.shape,
-              "--device", args.device, "--vocab", str(args.vocab), "--gemm-seconds", str(args.gemm_seconds)]
+              "--device", args.device, "--vocab", str(args.vocab), "--gemm-seconds", str(args.gemm_seconds),
+              "--seq", str(args.seq), *(["--softcap", str(args.softcap)] if args.softcap else [])]
     rates = json.loads(subprocess.run([sys.executable, __file__, "--gemm", *common], check=True, capture_output=True,
                                       text=True).stdout.strip().splitlines()[-1])
+    forms = args.forms.split(",")
+    runs = {form: [] for form in forms}
+    for _ in range(args.repeats):  # the forms in turn, so that the VM's swings reach every form alike
+        for form in forms:
+            out = subprocess.run([sys.executable, __file__, "--child", form, *common,
+                                  *(["--breakdown"] if args.breakdown else [])],
+                                 check=True, capture_output=True, text=True).stdout
+            runs[form].append(json.loads(out.strip().splitlines()[-1]))
     rows = []
-    for form in args.forms.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", form, *common,
-                              *(["--breakdown"] if args.breakdown else [])],
-                             check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    for form in forms:  # the median run by step time (the lower middle one of an even count)
+        ordered = sorted(runs[form], key=lambda r: r["seconds_per_step"])
+        row = dict(ordered[(len(ordered) - 1) // 2])
+        row["range_tokens_per_second"] = (ordered[-1]["tokens_per_second"], ordered[0]["tokens_per_second"])
+        row["runs"] = len(ordered)
+        rows.append(row)
     base = next((r for r in rows if r["form"] == "full"), rows[0])
     teacher, student = SHAPES[args.shape]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "gemm_rates": rates, "shape": args.shape, "dtype": args.dtype,
-                       "device": args.device, "tokens": args.tokens}, f, indent=2)
+            json.dump({"rows": rows, "runs": runs, "gemm_rates": rates, "shape": args.shape, "dtype": args.dtype,
+                       "device": args.device, "tokens": args.tokens, "seq": args.seq, "softcap": args.softcap,
+                       "vocab": VOCAB}, f, indent=2)
     machine = platform.processor() or platform.machine()
     if args.device.startswith("cuda"):
         import torch
 
         machine = torch.cuda.get_device_name(args.device)
-    print(f"machine: {machine}, {args.tokens} tokens/step, {args.dtype}, "
+    print(f"machine: {machine}, {args.tokens} tokens/step in sequences of {args.seq}, {args.dtype}, "
+          f"{'softcap ' + str(args.softcap) + ', ' if args.softcap else ''}"
           f"teacher {teacher[2]}x{teacher[0]}, student {student[2]}x{student[0]}, vocab {VOCAB}; "
           f"GEMM rate at the heads' shapes: student {rates['student'] / 1e9:.0f}, teacher {rates['teacher'] / 1e9:.0f} GFLOP/s")
-    print(f"{'form':<8} {'tokens/s':>9} {'s/step':>7} {'GFLOP/s':>8} {'GEMM share':>11} {'peak GiB':>13} "
-          f"{'x full (tok/s)':>15} {'x full (peak)':>14}")
+    speed, memory = f"x {base['form']} (tok/s)", f"x {base['form']} (peak)"
+    print(f"{'form':<11} {'tokens/s':>9} {'range':>11} {'s/step':>7} {'1st step s':>10} {'GFLOP/s':>8} "
+          f"{'GEMM share':>11} {'peak GiB':>9} {speed:>20} {memory:>18}")
     for r in rows:
-        print(f"{r['form']:<8} {r['tokens_per_second']:>9.0f} {r['seconds_per_step']:>7.2f} "
-              f"{r['flops_per_second'] / 1e9:>8.0f} {_share(r, rates):>10.0%} {r['peak_rss_gib']:>13.2f} "
-              f"{r['tokens_per_second'] / base['tokens_per_second']:>15.2f} {r['peak_rss_gib'] / base['peak_rss_gib']:>14.2f}")
+        low, high = r["range_tokens_per_second"]
+        print(f"{r['form']:<11} {r['tokens_per_second']:>9.0f} {f'{low:.0f}-{high:.0f}':>11} {r['seconds_per_step']:>7.2f} "
+              f"{r['first_step_seconds']:>10.2f} {r['flops_per_second'] / 1e9:>8.0f} {_share(r, rates):>10.0%} "
+              f"{r['peak_rss_gib']:>9.2f} {r['tokens_per_second'] / base['tokens_per_second']:>20.2f} "
+              f"{r['peak_rss_gib'] / base['peak_rss_gib']:>18.2f}")
+    if args.repeats > 1:
+        print(f"median of {args.repeats} alternated runs per form, each run's fastest of {args.steps} steps after "
+              f"a first step (its allocation, and where the loss compiles, the compile: '1st step s')")
     fused = next((r for r in rows if r["form"] == "fused"), None)
     if args.breakdown and fused:
         total = fused["seconds_per_step"]

@@ -49,7 +49,8 @@ class LinearKDLoss(nn.Module):
     ``temperature`` overrides the divergence's for this call (a schedule); a cached teacher holds
     the one temperature it was made at. ``student_softcap`` / ``teacher_softcap`` are the models'
     final-logit caps (``model.args.final_logit_softcapping``): every form caps each model's logits
-    before the temperature and the divergence.
+    before the temperature and the divergence. ``compile``: see :class:`FusedLinearKDLoss` (None:
+    compiled at real vocabularies; False: never).
 
     The fused form computes the gradient of ``(1 - kd_ratio) * ce + kd_ratio * kd`` in its
     forward pass, so pass the ``kd_ratio`` you mix with (see :class:`FusedLinearKDLoss`); the
@@ -57,14 +58,15 @@ class LinearKDLoss(nn.Module):
     """
 
     def __init__(self, divergence: Divergence, *, form: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 num_chunks: int = 8, student_softcap: float | None = None, teacher_softcap: float | None = None):
+                 num_chunks: int = 8, student_softcap: float | None = None, teacher_softcap: float | None = None,
+                 compile: bool | None = None):
         super().__init__()
         _check_form(form, num_chunks)
         self.divergence = copy.copy(divergence)
         self.divergence.reduction = "sum"  # every form divides by the step's token count itself
         self.form, self.num_chunks = form, num_chunks
         self.fused = FusedLinearKDLoss(self.divergence, chunk_size=chunk_size, student_softcap=student_softcap,
-                                       teacher_softcap=teacher_softcap)
+                                       teacher_softcap=teacher_softcap, compile=compile)
         self.cross_entropy = CrossEntropyLoss(ignore_index=divergence.ignore_index, reduction="sum",
                                               vocab_size=divergence.vocab_size)
 
@@ -97,11 +99,11 @@ class LinearCrossEntropyLoss(nn.Module):
     """
 
     def __init__(self, *, form: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int = 8,
-                 softcap: float | None = None):
+                 softcap: float | None = None, compile: bool | None = None):
         super().__init__()
         _check_form(form, num_chunks)
         self.form, self.num_chunks = form, num_chunks
-        self.fused = FusedLinearKDLoss(None, chunk_size=chunk_size, student_softcap=softcap)
+        self.fused = FusedLinearKDLoss(None, chunk_size=chunk_size, student_softcap=softcap, compile=compile)
         self.cross_entropy = CrossEntropyLoss(ignore_index=self.fused.ignore_index, reduction="sum")
 
     def forward(self, hidden, weight, labels, *, num_tokens: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ BF16_TOL = (1e-3, 2e-2)  # bf16 matmuls: the full form rounds whole logits to bf
 GROUPS = {
     "forward_kl": ((KD, ["loss_form=full"]), {
         "fused": (KD, ["loss_form=fused"]),
+        "fused_compiled": (KD, ["loss_form=fused", "compile_loss=true"]),
         "chunked": (KD, ["loss_form=chunked"]),
         "fused_accumulated": (KD, ["loss_form=fused", "batch_size=2", "gradient_accumulation_steps=2"]),
         "cached_all_ids": (KD, ["loss_form=fused", "cache:top_k=all"]),
@@ -56,6 +57,7 @@ GROUPS = {
     }, FP32_TOL),
     "bf16_autocast": ((KD, ["loss_form=full", "autocast=bf16"]), {
         "fused": (KD, ["loss_form=fused", "autocast=bf16"]),
+        "fused_compiled": (KD, ["loss_form=fused", "autocast=bf16", "compile_loss=true"]),
     }, BF16_TOL),
 }
 
@@ -79,6 +81,7 @@ def train(world, out, run) -> tuple[list[float], dict]:
         args = base_overrides(world, out) + ["~teacher_checkpointer", f"+teacher_logits_cache={out}_cache"]
     proc = run_kdtune("run", *recipe, *args, EPOCHS, *overrides, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loss compile" not in proc.stderr, proc.stderr[-3000:]  # a compiled variant ran compiled
     losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl")]
     return losses, load_file(out / "epoch_3" / "model.safetensors")
 
