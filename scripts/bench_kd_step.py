@@ -14,8 +14,7 @@ The share of the GEMM rate is the time the step's matmul FLOPs (linear layers, c
 output heads; the student's three times for forward and backward) would take at the rate torch.mm
 reaches at each model's output-head shape, measured in the same run, over the step's time (the
 fastest of ``--steps``; the GEMM rate is likewise a best, over 2 s of calls).
-``fused`` compiles its per-block math at this vocabulary (``compile_loss``'s default);
-``fused_eager`` is the same loss with compiling off. ``--repeats N`` runs every form N times,
+``fused_compiled`` is ``fused`` with its per-block math compiled (``compile_loss: true``). ``--repeats N`` runs every form N times,
 alternated, and shows each form's median run with the range; the first step (allocation, and the
 loss's compile where it compiles) is shown apart. ``--seq`` sets the sequence length, ``--softcap``
 caps both models' logits as Gemma 2 does.
@@ -25,7 +24,7 @@ torchtune computes it (logits of one sequence chunk at a time, through autograd)
 user compares with.
 
     python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--seq 512] [--steps 3] [--dtype fp32]
-        [--forms full,chunked,fused,cached] [--repeats 1] [--softcap CAP] [--device cpu] [--breakdown]
+        [--forms full,chunked,fused,fused_compiled,cached] [--repeats 1] [--softcap CAP] [--device cpu] [--breakdown]
 """
 
 import argparse
@@ -137,8 +136,8 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
     batch["labels"][:, -1] = -100
     on_device = {k: v.to(device) for k, v in batch.items()}
     caps = dict(student_softcap=softcap, teacher_softcap=softcap)
-    kd_loss = LinearKDLoss(ForwardKLLoss(), form="fused" if cached or form == "fused_eager" else form, chunk_size=256,
-                           compile=False if form == "fused_eager" else None, **caps)
+    kd_loss = LinearKDLoss(ForwardKLLoss(), form="fused" if cached or form == "fused_compiled" else form, chunk_size=256,
+                           compile=form == "fused_compiled", **caps)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     n = int((batch["labels"] != -100).sum())
     folder = tempfile.TemporaryDirectory()  # removed when the measurement ends
@@ -295,11 +294,11 @@ def main() -> None:
           f"teacher {teacher[2]}x{teacher[0]}, student {student[2]}x{student[0]}, vocab {VOCAB}; "
           f"GEMM rate at the heads' shapes: student {rates['student'] / 1e9:.0f}, teacher {rates['teacher'] / 1e9:.0f} GFLOP/s")
     speed, memory = f"x {base['form']} (tok/s)", f"x {base['form']} (peak)"
-    print(f"{'form':<11} {'tokens/s':>9} {'range':>11} {'s/step':>7} {'1st step s':>10} {'GFLOP/s':>8} "
+    print(f"{'form':<14} {'tokens/s':>9} {'range':>11} {'s/step':>7} {'1st step s':>10} {'GFLOP/s':>8} "
           f"{'GEMM share':>11} {'peak GiB':>9} {speed:>20} {memory:>18}")
     for r in rows:
         low, high = r["range_tokens_per_second"]
-        print(f"{r['form']:<11} {r['tokens_per_second']:>9.0f} {f'{low:.0f}-{high:.0f}':>11} {r['seconds_per_step']:>7.2f} "
+        print(f"{r['form']:<14} {r['tokens_per_second']:>9.0f} {f'{low:.0f}-{high:.0f}':>11} {r['seconds_per_step']:>7.2f} "
               f"{r['first_step_seconds']:>10.2f} {r['flops_per_second'] / 1e9:>8.0f} {_share(r, rates):>10.0%} "
               f"{r['peak_rss_gib']:>9.2f} {r['tokens_per_second'] / base['tokens_per_second']:>20.2f} "
               f"{r['peak_rss_gib'] / base['peak_rss_gib']:>18.2f}")

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -59,18 +60,20 @@ def losses(device: str, dry: bool) -> dict:
             ce, kd = LinearKDLoss(divergence, form="full")(hidden, weight, teacher, t_weight, base["labels"],
                                                            kd_ratio=0.5, num_tokens=tokens)
             want = [ce.item(), kd.item(), *torch.autograd.grad(0.5 * ce + 0.5 * kd, (hidden, weight))]
-            for dtype in (torch.float32, torch.bfloat16):
+            # compile True: the compiled block math where it applies (CE and forward KL; Triton on a GPU)
+            for dtype, compile in product((torch.float32, torch.bfloat16), (False,) if dry else (False, True)):
                 h, w = (base[x].to(device, dtype).requires_grad_(True) for x in ("hidden", "weight"))
                 if teacher_kind == "dense":
                     t, tw = base["teacher"].to(device, dtype), base["teacher_weight"].to(device, dtype)
                 else:
                     t, tw = TeacherTopK(topk64.logprobs.to(device, torch.float32), topk64.ids.to(device)), None
-                ce, kd = LinearKDLoss(divergence, form="fused")(h, w, t, tw, base["labels"].to(device), kd_ratio=0.5,
-                                                                num_tokens=tokens)
+                ce, kd = LinearKDLoss(divergence, form="fused", compile=compile)(
+                    h, w, t, tw, base["labels"].to(device), kd_ratio=0.5, num_tokens=tokens)
                 got = [ce.item(), kd.item(), *(x.double().cpu() for x in torch.autograd.grad(0.5 * ce + 0.5 * kd, (h, w)))]
                 errors = [abs(got[0] - want[0]) / abs(want[0]), abs(got[1] - want[1]) / max(abs(want[1]), 1e-12),
                           *(float((x - y).norm() / y.norm()) for x, y in zip(got[2:], want[2:]))]
                 rows.append({"divergence": name, "teacher": teacher_kind, "dtype": str(dtype).split(".")[1],
+                             "compile_loss": compile,
                              "errors": dict(zip(("ce", "kd", "grad_hidden", "grad_weight"), errors)),
                              "ok": max(errors) <= TOLERANCE[dtype]})
     return {"ok": all(r["ok"] for r in rows), "checks": rows}

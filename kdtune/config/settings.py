@@ -156,8 +156,7 @@ class TrainingSettings:
     autocast: str | None = setting(None, choice("bf16", "fp16", optional=True),
                                    "matmuls in this dtype, weights and optimizer state in dtype; null: off")
     compile: bool = setting(False, boolean(), "torch.compile each decoder layer")
-    compile_loss: bool | None = setting(None, boolean(optional=True),
-                                        "torch.compile the fused loss's math; null: at vocabularies of 32k or more")
+    compile_loss: bool = setting(False, boolean(), "torch.compile the fused loss's block math (CE, forward KL)")
     log_every_n_steps: int = setting(1, integer(1), "metrics cadence in optimizer steps")
 
     def check_components(self, plain: dict) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from kdtune.errors import KDTuneError
 from kdtune.losses.divergences import Divergence
-from kdtune.losses.fused_block import COMPILE_MIN_VOCAB, compiled_block_math, compiled_rows
+from kdtune.losses.fused_block import compiled_block_math, compiled_rows
 from kdtune.losses.sparse import TeacherTopK
 from kdtune.losses.token_loss import upcast
 from kdtune.modules.softcap import softcap, softcap_
@@ -54,19 +54,16 @@ class FusedLinearKDLoss(nn.Module):
     Peak memory grows with ``chunk_size × V``: the chunk's student and teacher logits in the weights'
     dtype (the gradient overwrites the student's), plus float32 blocks of `block_rows` rows.
 
-    ``compile``: whether the closed-form block math (cross-entropy alone, or with forward KL from a
-    dense teacher) runs through ``torch.compile`` (`kdtune.losses.fused_block`): None (the default)
-    at vocabularies of ``COMPILE_MIN_VOCAB`` or more, True at any, False never. Where compiling
-    fails the eager math runs, after one warning.
+    ``compile``: run the closed-form block math (cross-entropy alone, or with forward KL from a
+    dense teacher) through ``torch.compile`` (`kdtune.losses.fused_block`); where compiling fails
+    the eager math runs, after one warning.
     """
 
     def __init__(self, divergence: Divergence | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, *,
                  student_softcap: float | None = None, teacher_softcap: float | None = None,
-                 compile: bool | None = None):
+                 compile: bool = False):
         super().__init__()
-        if compile not in (None, True, False):
-            raise KDTuneError(f"compile_loss: expected true or false, got {compile!r}")
-        self.compile = compile
+        self.compile = bool(compile)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise KDTuneError(f"loss chunk_size: expected a positive integer, got {chunk_size!r}")
         self.student_softcap, self.teacher_softcap = check_softcap(student_softcap), check_softcap(teacher_softcap)
@@ -122,10 +119,10 @@ class FusedLinearKDLoss(nn.Module):
             return 1.0
         return float(count)
 
-    def compiles(self, vocab: int, teacher) -> bool:
-        """Whether blocks of this vocabulary and teacher run the compiled math: its closed form
-        covers cross-entropy alone and forward KL (`sum_and_probs`) from dense logits."""
-        if self.compile is False or (self.compile is None and vocab < COMPILE_MIN_VOCAB):
+    def compiles(self, teacher) -> bool:
+        """Whether blocks with this teacher run the compiled math: its closed form covers
+        cross-entropy alone and forward KL (`sum_and_probs`) from dense logits."""
+        if not self.compile:
             return False
         return teacher is None or (not isinstance(teacher, TeacherTopK)
                                    and getattr(self.divergence, "sum_and_probs", None) is not None)
@@ -149,7 +146,7 @@ class FusedLinearKDLoss(nn.Module):
         to the logits written to ``out`` (in its dtype): in closed form for a dense teacher (or none)
         and a divergence that has one (``sum_and_probs``), compiled where `compiles`, by autograd
         otherwise."""
-        if self.compiles(logits.shape[-1], teacher):
+        if self.compiles(teacher):
             t = 1.0 if self.divergence is None else self.divergence.temperature if temperature is None else temperature
             ratio_t = torch.tensor(ratio, dtype=torch.float32, device=logits.device)
             result = compiled_block_math(logits, teacher, targets, ratio_t, float(t), self.student_softcap,
@@ -238,7 +235,7 @@ class _FusedKD(torch.autograd.Function):
             if grad_enabled and ctx.needs_input_grad[1] else None
         ce_total = kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         wanted = grad_rows is not None or grad_weight is not None
-        compiled = wanted and loss.compiles(weight.shape[0], teacher)
+        compiled = wanted and loss.compiles(teacher)
         step = compiled_rows(weight.shape[0]) if compiled else block_rows(weight.shape[0])
         for start in range(0, rows.shape[0], loss.chunk_size):
             part = slice(start, start + loss.chunk_size)

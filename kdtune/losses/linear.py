@@ -49,8 +49,8 @@ class LinearKDLoss(nn.Module):
     ``temperature`` overrides the divergence's for this call (a schedule); a cached teacher holds
     the one temperature it was made at. ``student_softcap`` / ``teacher_softcap`` are the models'
     final-logit caps (``model.args.final_logit_softcapping``): every form caps each model's logits
-    before the temperature and the divergence. ``compile``: see :class:`FusedLinearKDLoss` (None:
-    compiled at real vocabularies; False: never).
+    before the temperature and the divergence. ``compile``: the fused form's block math through
+    ``torch.compile`` (see :class:`FusedLinearKDLoss`).
 
     The fused form computes the gradient of ``(1 - kd_ratio) * ce + kd_ratio * kd`` in its
     forward pass, so pass the ``kd_ratio`` you mix with (see :class:`FusedLinearKDLoss`); the
@@ -59,7 +59,7 @@ class LinearKDLoss(nn.Module):
 
     def __init__(self, divergence: Divergence, *, form: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE,
                  num_chunks: int = 8, student_softcap: float | None = None, teacher_softcap: float | None = None,
-                 compile: bool | None = None):
+                 compile: bool = False):
         super().__init__()
         _check_form(form, num_chunks)
         self.divergence = copy.copy(divergence)
@@ -99,7 +99,7 @@ class LinearCrossEntropyLoss(nn.Module):
     """
 
     def __init__(self, *, form: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE, num_chunks: int = 8,
-                 softcap: float | None = None, compile: bool | None = None):
+                 softcap: float | None = None, compile: bool = False):
         super().__init__()
         _check_form(form, num_chunks)
         self.form, self.num_chunks = form, num_chunks
