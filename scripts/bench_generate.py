@@ -7,7 +7,9 @@ left-padded prompts of ``--prompt-len`` tokens (lengths vary by up to 8) by exac
 ``--repeats`` interleaved runs per method), the ratio to kdtune without the cache measured in the
 same run, and whether each method produced the same tokens.
 
-    python scripts/bench_generate.py [--batch 8] [--prompt-len 64] [--new-tokens 64] [--device cpu] [--threads N] [--repeats 3]
+``--hf-best`` adds transformers with its static cache, and with that cache and its decode step compiled.
+
+    python scripts/bench_generate.py [--batch 8] [--prompt-len 64] [--new-tokens 64] [--device cpu] [--threads N] [--repeats 3] [--hf-best]
 """
 
 import argparse
@@ -62,6 +64,8 @@ def main():
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the fastest is kept")
+    parser.add_argument("--hf-best", action="store_true",
+                        help="also transformers with its static cache, and with the decode step compiled")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,22 +90,33 @@ def main():
         except ImportError:
             transformers = None
         if transformers is not None:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
             width = max(lengths)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
             attention = (torch.arange(width)[None, :] >= torch.tensor([width - n for n in lengths])[:, None]).to(device)
 
-            def hf_generate(new_tokens):
-                with torch.inference_mode():
-                    out = hf.generate(ids, attention_mask=attention.long(), max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                                      eos_token_id=None, top_k=None, top_p=None, temperature=None)
-                return out[:, width:].tolist()
+            def hf(**settings):
+                def hf_generate(new_tokens):
+                    with torch.inference_mode():
+                        out = hf_model.generate(ids, attention_mask=attention.long(), max_new_tokens=new_tokens,
+                                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                                                eos_token_id=None, top_k=None, top_p=None, temperature=None,
+                                                **settings)
+                    return out[:, width:].tolist()
+                return hf_generate
 
-            methods[f"transformers {transformers.__version__} generate"] = hf_generate
+            name = f"transformers {transformers.__version__} generate"
+            methods[name] = hf()
+            if args.hf_best:  # its static cache, and that cache with the decode step compiled (on any device)
+                methods[name + ", static"] = hf(cache_implementation="static")
+                compiled = transformers.CompileConfig()
+                compiled._compile_all_devices = True
+                methods[name + ", static+compile"] = hf(cache_implementation="static", compile_config=compiled)
 
-        for fn in methods.values():  # warm up on a short run
+        for name, fn in methods.items():  # warm up on a short run (and compile, where a method compiles)
+            start = time.perf_counter()
             fn(2)
+            print(f"warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
         # Then the methods in turn, --repeats times; each keeps its fastest run (this shared
         # machine's speed drifts, and interleaving exposes every method to the same drift).
         results = {}
@@ -120,12 +135,12 @@ def main():
     print(f"{where}; torch {torch.__version__}; {args.dtype}; {args.layers} layers, hidden {args.hidden}, "
           f"vocab {args.vocab}; batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, "
           f"{args.new_tokens} new tokens (greedy)")
-    print(f"| {'method':<34} | {'seconds':>8} | {'tokens/s':>9} | {'vs no cache':>11} | same tokens |")
-    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 11}|{'-' * 13}|-------------|")
+    print(f"| {'method':<50} | {'seconds':>8} | {'tokens/s':>9} | {'vs no cache':>11} | same tokens |")
+    print(f"|{'-' * 52}|{'-' * 10}|{'-' * 11}|{'-' * 13}|-------------|")
     for name, (seconds, completions) in results.items():
         same = "yes" if completions == reference else "no"
         speedup = baseline_seconds / seconds
-        print(f"| {name:<34} | {seconds:>8.2f} | {tokens / seconds:>9.1f} | {speedup:>10.2f}x | {same:>11} |")
+        print(f"| {name:<50} | {seconds:>8.2f} | {tokens / seconds:>9.1f} | {speedup:>10.2f}x | {same:>11} |")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def generation(device: str, dry: bool) -> dict:
     rows = {}
     for dtype in ("bf16", "fp32"):
         rows[dtype] = script("bench_generate.py", "--device", device, "--dtype", dtype, "--batch", "8",
-                             "--prompt-len", "512", "--new-tokens", "512")
+                             "--prompt-len", "512", "--new-tokens", "512", "--hf-best")
     return {"ok": all(r["ok"] for r in rows.values()), "runs": rows}
 
 
