@@ -1,13 +1,15 @@
 """Generation speed: kdtune with the KV cache, kdtune without it, and transformers' ``generate``.
 
 Writes a random checkpoint of a small but real-shaped Qwen2-style model (4 layers, hidden 512,
-GQA 8/2 heads, Qwen's 151,936-token vocabulary by default) and greedily completes a batch of
+GQA 8/2 heads, Qwen's 151,936-token vocabulary by default) and completes a batch of
 left-padded prompts of ``--prompt-len`` tokens (lengths vary by up to 8) by exactly
 ``--new-tokens`` tokens (no stop ids). Reports generated tokens per second (the fastest of
 ``--repeats`` interleaved runs per method), the ratio to kdtune without the cache measured in the
 same run, and whether each method produced the same tokens.
 
-``--hf-best`` adds transformers with its static cache, and with that cache and its decode step compiled.
+``--temperature T`` samples instead (the whole tempered distribution, as the on-policy recipe's
+sampler does without top-k/top-p; each method draws its own tokens, so "same tokens" compares
+kdtune's cached and uncached runs, which share a seed). ``--hf-best`` adds transformers with its static cache, and with that cache and its decode step compiled.
 
     python scripts/bench_generate.py [--batch 8] [--prompt-len 64] [--new-tokens 64] [--device cpu] [--threads N] [--repeats 3] [--hf-best]
 """
@@ -64,6 +66,8 @@ def main():
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the fastest is kept")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy; above: sampled from the whole tempered distribution (tokens then differ)")
     parser.add_argument("--hf-best", action="store_true",
                         help="also transformers with its static cache, and with the decode step compiled")
     args = parser.parse_args()
@@ -81,8 +85,11 @@ def main():
         model = load_model(ckpt, dtype=dtype, device=device)
 
         def ours(use_cache):
-            return lambda new_tokens: generate(model, prompts, max_new_tokens=new_tokens, stop_ids=[], pad_id=pad,
-                                               use_cache=use_cache).completions
+            def run(new_tokens):
+                generator = torch.Generator(device).manual_seed(0) if args.temperature else None
+                return generate(model, prompts, max_new_tokens=new_tokens, stop_ids=[], pad_id=pad, use_cache=use_cache,
+                                temperature=args.temperature, generator=generator).completions
+            return run
 
         methods = {"kdtune, KV cache": ours(True), "kdtune, no cache": ours(False)}
         try:
@@ -98,10 +105,12 @@ def main():
             def hf(**settings):
                 def hf_generate(new_tokens):
                     with torch.inference_mode():
+                        # sampling: the whole tempered distribution (top_k 0 turns transformers' default 50 off)
+                        sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=None) \
+                            if args.temperature else dict(do_sample=False, top_k=None, top_p=None, temperature=None)
                         out = hf_model.generate(ids, attention_mask=attention.long(), max_new_tokens=new_tokens,
-                                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                                                eos_token_id=None, top_k=None, top_p=None, temperature=None,
-                                                **settings)
+                                                min_new_tokens=new_tokens, pad_token_id=pad, eos_token_id=None,
+                                                **sampling, **settings)
                     return out[:, width:].tolist()
                 return hf_generate
 
@@ -134,7 +143,8 @@ def main():
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
     print(f"{where}; torch {torch.__version__}; {args.dtype}; {args.layers} layers, hidden {args.hidden}, "
           f"vocab {args.vocab}; batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, "
-          f"{args.new_tokens} new tokens (greedy)")
+          f"{args.new_tokens} new tokens "
+          f"({'sampled at temperature ' + str(args.temperature) if args.temperature else 'greedy'})")
     print(f"| {'method':<50} | {'seconds':>8} | {'tokens/s':>9} | {'vs no cache':>11} | same tokens |")
     print(f"|{'-' * 52}|{'-' * 10}|{'-' * 11}|{'-' * 13}|-------------|")
     for name, (seconds, completions) in results.items():

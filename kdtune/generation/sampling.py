@@ -35,9 +35,18 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The next token ``[B]`` for logits ``[B, V]``: the argmax when ``temperature`` is 0, else a
-    draw from ``softmax(filter_logits(logits / temperature))``."""
+    draw from ``softmax(filter_logits(logits / temperature))``.
+
+    Drawn by inverting each row's cumulative distribution at one uniform number: exact, and one
+    random number a row, where ``torch.multinomial`` on the CPU took 39 ms for 8 rows of a 152k
+    vocabulary (a third of a decode step). The sums are float64, so a token's chance is its
+    probability to float32's precision; a token of probability 0 is never drawn."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits / temperature, top_k=top_k, top_p=top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cumulative = probs.double().cumsum(-1)
+    # u < 1 in float32, so u * total < total in float64: the point lies inside the distribution
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device).double()
+    token = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).squeeze(-1)
+    return token.clamp_max(probs.shape[-1] - 1)
