@@ -78,15 +78,13 @@ def number(minimum: float | None = None, maximum: float | None = None, *, above:
     return _described(check, what, outside + ([] if maximum is None else [maximum + 1e-9]))
 
 
-def boolean(optional: bool = False) -> Check:
+def boolean() -> Check:
     def check(key, value):
-        if value is None and optional:
-            return None
         if not isinstance(value, bool):
-            raise KDTuneError(f"{key}: expected true or false{' or null' if optional else ''}, got {_got(value)}")
+            raise KDTuneError(f"{key}: expected true or false, got {_got(value)}")
         return value
 
-    return _described(check, "true, false or null" if optional else "true or false", ["yes"])
+    return _described(check, "true or false", ["yes"])
 
 
 def choice(*values, optional: bool = False) -> Check:

@@ -38,8 +38,8 @@ def sample_next(
     draw from ``softmax(filter_logits(logits / temperature))``.
 
     Drawn by inverting each row's cumulative distribution at one uniform number: exact, and one
-    random number a row, where ``torch.multinomial`` on the CPU took 39 ms for 8 rows of a 152k
-    vocabulary (a third of a decode step). The sums are float64, so a token's chance is its
+    random number a row, where ``torch.multinomial`` on the CPU took most of a sampled decode step
+    at a 152k vocabulary (docs/performance.md, "Sampling"). The sums are float64, so a token's chance is its
     probability to float32's precision; a token of probability 0 is never drawn."""
     logits = logits.float()
     if temperature == 0:

@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from kdtune.modules.softcap import softcap
+
 # Rows of float32 [rows, V] per compiled call (about 8 MB, from L3): fewer calls than the eager
 # path's blocks, which must fit L2 because each of their kernels passes over the block again.
 COMPILED_BLOCK_BYTES = 8 << 20
@@ -38,18 +40,14 @@ def block_math(logits, teacher, targets, ratio, temperature: float, student_cap:
     KL at ``temperature`` (``teacher`` None: 0), and the gradient of ``(1 - ratio) * ce + ratio * kd``
     with respect to the raw student logits, in ``logits``' dtype. Float32 math. ``ratio`` is a 0-d
     float32 tensor, so a new value reuses the compiled code."""
-    s = logits.float()
-    if student_cap is not None:
-        s = student_cap * torch.tanh(s / student_cap)
+    s = softcap(logits.float(), student_cap)
     q, lse = _softmax_parts(s)
     ce = (lse.squeeze(-1) - s.gather(-1, targets[:, None]).squeeze(-1)).sum()
     onehot = (torch.arange(s.shape[-1], device=s.device)[None, :] == targets[:, None]).float()
     if teacher is None:
         grad, kd = q - onehot, torch.zeros((), dtype=torch.float32, device=s.device)
     else:
-        t = teacher.float()
-        if teacher_cap is not None:
-            t = teacher_cap * torch.tanh(t / teacher_cap)
+        t = softcap(teacher.float(), teacher_cap)
         s_t, t_t = (s, t) if temperature == 1 else (s / temperature, t / temperature)
         q_t, lse_t = (q, lse) if temperature == 1 else _softmax_parts(s_t)
         p, lse_p = _softmax_parts(t_t)
@@ -71,7 +69,7 @@ def compiled_block_math(logits, teacher, targets, ratio, temperature, student_ca
         _compiled = torch.compile(block_math)
     try:
         # the rows vary (a chunk's last block), the vocabulary does not: one build per vocabulary, with
-        # its trip counts known to the compiler (all-dynamic shapes ran 1.2-1.9x slower here)
+        # its trip counts known to the compiler (all-dynamic shapes ran slower here)
         for tensor in (logits, teacher, targets):
             if tensor is not None:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
