@@ -40,6 +40,9 @@ VOCAB = 151_936
 
 
 SEQ = 512
+# torch.optim.AdamW's implementations: one fused kernel (the model configs' `fused: true`), a foreach
+# pass per operation over all tensors, or a loop over tensors (torch's default on CPU).
+ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 # (hidden, intermediate, layers, heads, kv heads) of the (teacher, student) of each shape.
 SHAPES = {"tiny": ((64, 128, 1, 4, 2), (32, 64, 1, 4, 2)),  # scripts/gpu_check.sh --dry-run
           "small": ((512, 2048, 4, 8, 4), (256, 1024, 2, 4, 2)),
@@ -118,7 +121,7 @@ def _cached_batches(batch: dict, folder: str, k: int = 64):
 
 
 def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, breakdown: bool = False,
-            device: str = "cpu", seq: int = 512, softcap: float | None = None) -> dict:
+            device: str = "cpu", seq: int = 512, softcap: float | None = None, adamw: str = "fused") -> dict:
     import torch
 
     from kdtune.losses import ForwardKLLoss, LinearKDLoss
@@ -138,7 +141,7 @@ def measure(form: str, tokens: int, steps: int, dtype_name: str, shape: str, bre
     caps = dict(student_softcap=softcap, teacher_softcap=softcap)
     kd_loss = LinearKDLoss(ForwardKLLoss(), form="fused" if cached or form == "fused_compiled" else form, chunk_size=256,
                            compile=form == "fused_compiled", **caps)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, **ADAMW[adamw])
     n = int((batch["labels"] != -100).sum())
     folder = tempfile.TemporaryDirectory()  # removed when the measurement ends
     read = _cached_batches(batch, folder.name) if cached else None
@@ -227,6 +230,11 @@ def _share(result: dict, rates: dict) -> float:
     return ideal / result["seconds_per_step"]
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]  # the lower middle one of an even count
+
+
 def main() -> None:
     global VOCAB
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -235,10 +243,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=SEQ, help="tokens per sequence")
     parser.add_argument("--softcap", type=float, default=None, help="both models' final-logit cap (Gemma 2's 30)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of every form, alternated; each form's median run is shown, with the range")
+                        help="runs of every form and dtype, alternated; medians are shown, with the range")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16, or both as fp32,bf16 (alternated)")
     parser.add_argument("--forms", default="full,chunked,fused,cached")
+    parser.add_argument("--adamw", default="fused", choices=list(ADAMW), help="the optimizer's implementation")
     parser.add_argument("--breakdown", action="store_true", help="where the fused step's time goes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--vocab", type=int, default=VOCAB, help="both models' vocabulary (default: Qwen2's)")
@@ -248,70 +257,85 @@ def main() -> None:
     parser.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     VOCAB = args.vocab
-    if args.child:
-        print(json.dumps(measure(args.child, args.tokens, args.steps, args.dtype, args.shape,
-                                 args.breakdown and args.child == "fused", args.device, args.seq, args.softcap)))
-        return
-    if args.gemm:
-        teacher, student = SHAPES[args.shape]
-        print(json.dumps({"student": gemm_rate(args.dtype, student[0], args.device, args.gemm_seconds),
-                          "teacher": gemm_rate(args.dtype, teacher[0], args.device, args.gemm_seconds)}))
-        return
-    common = ["--tokens", str(args.tokens), "--steps", str(args.steps), "--dtype", args.dtype, "--shape", args.shape,
-              "--device", args.device, "--vocab", str(args.vocab), "--gemm-seconds", str(args.gemm_seconds),
-              "--seq", str(args.seq), *(["--softcap", str(args.softcap)] if args.softcap else [])]
-    rates = json.loads(subprocess.run([sys.executable, __file__, "--gemm", *common], check=True, capture_output=True,
-                                      text=True).stdout.strip().splitlines()[-1])
-    forms = args.forms.split(",")
-    runs = {form: [] for form in forms}
-    for _ in range(args.repeats):  # the forms in turn, so that the VM's swings reach every form alike
-        for form in forms:
-            out = subprocess.run([sys.executable, __file__, "--child", form, *common,
-                                  *(["--breakdown"] if args.breakdown else [])],
-                                 check=True, capture_output=True, text=True).stdout
-            runs[form].append(json.loads(out.strip().splitlines()[-1]))
-    rows = []
-    for form in forms:  # the median run by step time (the lower middle one of an even count)
-        ordered = sorted(runs[form], key=lambda r: r["seconds_per_step"])
-        row = dict(ordered[(len(ordered) - 1) // 2])
-        row["range_tokens_per_second"] = (ordered[-1]["tokens_per_second"], ordered[0]["tokens_per_second"])
-        row["runs"] = len(ordered)
-        rows.append(row)
-    base = next((r for r in rows if r["form"] == "full"), rows[0])
+    dtypes = args.dtype.split(",")
+    if any(d not in ("fp32", "bf16") for d in dtypes):
+        parser.error(f"--dtype: expected fp32, bf16 or fp32,bf16, got {args.dtype!r}")
     teacher, student = SHAPES[args.shape]
+    if args.gemm:
+        print(json.dumps({"student": gemm_rate(dtypes[0], student[0], args.device, args.gemm_seconds),
+                          "teacher": gemm_rate(dtypes[0], teacher[0], args.device, args.gemm_seconds)}))
+        return
+    if args.child:
+        result = measure(args.child, args.tokens, args.steps, dtypes[0], args.shape,
+                         args.breakdown and args.child.startswith("fused"), args.device, args.seq, args.softcap,
+                         args.adamw)
+        # The GEMM rate in the same process, right after its steps: a slow spell of the VM slows both alike.
+        result["gemm_rates"] = {"student": gemm_rate(dtypes[0], student[0], args.device, args.gemm_seconds),
+                                "teacher": gemm_rate(dtypes[0], teacher[0], args.device, args.gemm_seconds)}
+        result["gemm_share"] = _share(result, result["gemm_rates"])
+        print(json.dumps(result))
+        return
+    common = ["--tokens", str(args.tokens), "--steps", str(args.steps), "--shape", args.shape,
+              "--device", args.device, "--vocab", str(args.vocab), "--gemm-seconds", str(args.gemm_seconds),
+              "--seq", str(args.seq), "--adamw", args.adamw, *(["--softcap", str(args.softcap)] if args.softcap else [])]
+    forms = args.forms.split(",")
+    runs = {(dtype, form): [] for dtype in dtypes for form in forms}
+    for _ in range(args.repeats):  # dtypes and forms in turn, so that the VM's swings reach each alike
+        for dtype in dtypes:
+            for form in forms:
+                out = subprocess.run([sys.executable, __file__, "--child", form, "--dtype", dtype, *common,
+                                      *(["--breakdown"] if args.breakdown else [])],
+                                     check=True, capture_output=True, text=True).stdout
+                runs[dtype, form].append(json.loads(out.strip().splitlines()[-1]))
+    rows = []
+    for (dtype, form), done in runs.items():  # the median run by step time, with medians of the rest
+        ordered = sorted(done, key=lambda r: r["seconds_per_step"])
+        row = dict(ordered[(len(ordered) - 1) // 2], dtype=dtype, runs=len(ordered))
+        row["range_tokens_per_second"] = (ordered[-1]["tokens_per_second"], ordered[0]["tokens_per_second"])
+        shares = [r["gemm_share"] for r in done]
+        row["gemm_share"], row["range_gemm_share"] = _median(shares), (min(shares), max(shares))
+        row["gemm_rates"] = {m: _median([r["gemm_rates"][m] for r in done]) for m in ("student", "teacher")}
+        rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "runs": runs, "gemm_rates": rates, "shape": args.shape, "dtype": args.dtype,
-                       "device": args.device, "tokens": args.tokens, "seq": args.seq, "softcap": args.softcap,
-                       "vocab": VOCAB}, f, indent=2)
+            json.dump({"rows": rows, "runs": {f"{d} {f}": r for (d, f), r in runs.items()}, "shape": args.shape,
+                       "dtypes": dtypes, "device": args.device, "tokens": args.tokens, "seq": args.seq,
+                       "softcap": args.softcap, "vocab": VOCAB, "adamw": args.adamw}, f, indent=2)
     machine = platform.processor() or platform.machine()
     if args.device.startswith("cuda"):
         import torch
 
         machine = torch.cuda.get_device_name(args.device)
-    print(f"machine: {machine}, {args.tokens} tokens/step in sequences of {args.seq}, {args.dtype}, "
+    print(f"machine: {machine}, {args.tokens} tokens/step in sequences of {args.seq}, "
           f"{'softcap ' + str(args.softcap) + ', ' if args.softcap else ''}"
-          f"teacher {teacher[2]}x{teacher[0]}, student {student[2]}x{student[0]}, vocab {VOCAB}; "
-          f"GEMM rate at the heads' shapes: student {rates['student'] / 1e9:.0f}, teacher {rates['teacher'] / 1e9:.0f} GFLOP/s")
-    speed, memory = f"x {base['form']} (tok/s)", f"x {base['form']} (peak)"
-    print(f"{'form':<14} {'tokens/s':>9} {'range':>11} {'s/step':>7} {'1st step s':>10} {'GFLOP/s':>8} "
-          f"{'GEMM share':>11} {'peak GiB':>9} {speed:>20} {memory:>18}")
-    for r in rows:
-        low, high = r["range_tokens_per_second"]
-        print(f"{r['form']:<14} {r['tokens_per_second']:>9.0f} {f'{low:.0f}-{high:.0f}':>11} {r['seconds_per_step']:>7.2f} "
-              f"{r['first_step_seconds']:>10.2f} {r['flops_per_second'] / 1e9:>8.0f} {_share(r, rates):>10.0%} "
-              f"{r['peak_rss_gib']:>9.2f} {r['tokens_per_second'] / base['tokens_per_second']:>20.2f} "
-              f"{r['peak_rss_gib'] / base['peak_rss_gib']:>18.2f}")
+          f"teacher {teacher[2]}x{teacher[0]}, student {student[2]}x{student[0]}, vocab {VOCAB}, {args.adamw} AdamW; "
+          f"each run's GEMM share against the GEMM rate its own process measured after its steps")
+    for dtype in dtypes:
+        group = [r for r in rows if r["dtype"] == dtype]
+        base = next((r for r in group if r["form"] == "full"), group[0])
+        speed, memory = f"x {base['form']} (tok/s)", f"x {base['form']} (peak)"
+        print(f"\n{dtype}")
+        print(f"{'form':<14} {'tokens/s':>9} {'range':>11} {'s/step':>7} {'1st step s':>10} {'GEMM GFLOP/s':>13} "
+              f"{'GEMM share':>11} {'share range':>12} {'peak GiB':>9} {speed:>20} {memory:>18}")
+        for r in group:
+            low, high = r["range_tokens_per_second"]
+            share_low, share_high = r["range_gemm_share"]
+            rates = f"{r['gemm_rates']['student'] / 1e9:.0f}/{r['gemm_rates']['teacher'] / 1e9:.0f}"
+            print(f"{r['form']:<14} {r['tokens_per_second']:>9.0f} {f'{low:.0f}-{high:.0f}':>11} "
+                  f"{r['seconds_per_step']:>7.2f} {r['first_step_seconds']:>10.2f} {rates:>13} "
+                  f"{r['gemm_share']:>10.0%} {f'{share_low:.0%}-{share_high:.0%}':>12} {r['peak_rss_gib']:>9.2f} "
+                  f"{r['tokens_per_second'] / base['tokens_per_second']:>20.2f} "
+                  f"{r['peak_rss_gib'] / base['peak_rss_gib']:>18.2f}")
+    print("GEMM GFLOP/s: torch.mm at the student's/teacher's head shape (medians of the runs)")
     if args.repeats > 1:
-        print(f"median of {args.repeats} alternated runs per form, each run's fastest of {args.steps} steps after "
-              f"a first step (its allocation, and where the loss compiles, the compile: '1st step s')")
-    fused = next((r for r in rows if r["form"] == "fused"), None)
-    if args.breakdown and fused:
-        total = fused["seconds_per_step"]
-        print(f"\nfused step, {total:.2f} s: by stage")
+        print(f"median of {args.repeats} alternated runs per form and dtype, each run's fastest of {args.steps} "
+              f"steps after a first step (its allocation, and where the loss compiles, the compile: '1st step s')")
+    for fused in (r for r in rows if args.breakdown and "kernels" in r):
+        total, form = fused["seconds_per_step"], f"{fused['dtype']} {fused['form']}"
+        print(f"\n{form} step, {total:.2f} s: by stage")
         for name, seconds in fused["sections"].items():
             print(f"  {name:<34} {seconds:>7.3f} s {seconds / total:>6.1%}")
-        print("fused step: by kind of kernel (torch.profiler, self time)")
+        print(f"{form} step: by kind of kernel (torch.profiler, self time)")
         for name, seconds in sorted(fused["kernels"].items(), key=lambda item: -item[1]):
             print(f"  {name:<34} {seconds:>7.3f} s {seconds / total:>6.1%}")
 

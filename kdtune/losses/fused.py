@@ -231,16 +231,18 @@ class _FusedKD(torch.autograd.Function):
         ratio, temperature, normalizer, grad_enabled = settings
         rows = hidden.index_select(0, keep)
         grad_rows = torch.zeros_like(rows) if grad_enabled and ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=upcast(weight).dtype, device=weight.device) \
-            if grad_enabled and ctx.needs_input_grad[1] else None
+        # written by the first chunk's product, so not zeroed first (an empty batch zeroes it below)
+        grad_weight = torch.empty(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                  device=weight.device) if grad_enabled and ctx.needs_input_grad[1] else None
         ce_total = kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         wanted = grad_rows is not None or grad_weight is not None
         compiled = wanted and loss.compiles(teacher)
         step = compiled_rows(weight.shape[0]) if compiled else block_rows(weight.shape[0])
+        logits = teacher_logits = None  # after the first chunk, each chunk's logits overwrite the last one's
         for start in range(0, rows.shape[0], loss.chunk_size):
             part = slice(start, start + loss.chunk_size)
-            logits = rows[part] @ weight.T  # the chunk's head GEMM, in the weights' dtype
-            teacher_logits = _teacher_chunk(teacher, part)
+            logits = _head(rows[part], weight, logits)  # the chunk's head GEMM, in the weights' dtype
+            teacher_logits = _teacher_chunk(teacher, part, teacher_logits)
             grad_logits = logits if wanted else None  # each block's gradient overwrites its logits, once read
             for first in range(0, logits.shape[0], step):
                 block = slice(first, first + step)
@@ -254,14 +256,11 @@ class _FusedKD(torch.autograd.Function):
             if grad_rows is not None:
                 grad_rows[part] = grad_logits @ weight
             if grad_weight is not None:
-                if grad_logits.dtype == grad_weight.dtype == rows.dtype:
-                    grad_weight.addmm_(grad_logits.T, rows[part])
-                else:  # low-precision GEMMs (bf16 weights or autocast) summed in float32, a slice of the
-                    # vocabulary at a time: no [V, d] temporary, and each product is added from cache
-                    for first in range(0, weight.shape[0], VOCAB_SLICE):
-                        vocab = slice(first, first + VOCAB_SLICE)
-                        grad_weight[vocab].add_(grad_logits[:, vocab].T @ rows[part])
-            del logits, teacher_logits, grad_logits, block_teacher  # freed before the next chunk's are made
+                _add_weight_grad(grad_weight, grad_logits, rows[part], first=start == 0)
+            del grad_logits, block_teacher
+        del logits, teacher_logits
+        if grad_weight is not None and rows.shape[0] == 0:
+            grad_weight.zero_()
         if grad_rows is not None:
             ctx.grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
         # The gradients above are of the unnormalized sum; backward divides by the normalizer.
@@ -276,10 +275,29 @@ class _FusedKD(torch.autograd.Function):
             grad_hidden = ctx.grad_hidden * scale
         if ctx.needs_input_grad[1]:
             grad_weight = ctx.grad_weight.to(ctx.weight_dtype)  # a copy unless the dtypes match
-            # scaled in place when that is a copy (no float32 temporary); never the saved gradient itself,
-            # which a second backward reuses
+            # scaled in place when that is a copy (a mixed-dtype multiply runs 2x slower here); never the saved
+            # gradient itself, which a second backward reuses
             grad_weight = grad_weight * scale if grad_weight is ctx.grad_weight else grad_weight.mul_(scale)
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, rows: torch.Tensor, first: bool) -> None:
+    """``grad_weight`` (+)= ``grad_logits^T @ rows``: written by the first chunk, added by the rest."""
+    if grad_logits.dtype == grad_weight.dtype == rows.dtype:
+        if first:
+            torch.mm(grad_logits.T, rows, out=grad_weight)
+        else:
+            grad_weight.addmm_(grad_logits.T, rows)
+        return
+    # Low-precision GEMMs (bf16 weights or autocast) summed in float32, a slice of the vocabulary at a
+    # time: no [V, d] temporary, and each product is added while it is in cache.
+    for start in range(0, grad_weight.shape[0], VOCAB_SLICE):
+        vocab = slice(start, start + VOCAB_SLICE)
+        product = grad_logits[:, vocab].T @ rows
+        if first:
+            grad_weight[vocab].copy_(product)
+        else:
+            grad_weight[vocab].add_(product)
 
 
 def _mix_scale(grad_ce: float, grad_kd: float, ratio: float) -> float:
@@ -296,13 +314,23 @@ def _mix_scale(grad_ce: float, grad_kd: float, ratio: float) -> float:
     return scale
 
 
-def _teacher_chunk(teacher, part: slice):
-    """The teacher of a chunk of rows: its logits (the teacher's head GEMM, in its weights' dtype),
-    its top-k rows, or None."""
+def _head(rows: torch.Tensor, weight: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """``rows @ weight.T``, written over the previous chunk's logits ``last`` when there are some: a
+    fresh ``[chunk, V]`` tensor each chunk pays its page faults again (about a tenth of the GEMM's time
+    on the development VM). The first product sets the dtype (autocast's, where it is on)."""
+    if last is None:
+        return rows @ weight.T
+    out = last[: rows.shape[0]]
+    return torch.mm(rows.to(out.dtype), weight.T.to(out.dtype), out=out)
+
+
+def _teacher_chunk(teacher, part: slice, last: torch.Tensor | None):
+    """The teacher of a chunk of rows: its logits (the teacher's head GEMM, in its weights' dtype,
+    over ``last``, the previous chunk's), its top-k rows, or None."""
     if teacher is None or isinstance(teacher, TeacherTopK):
         return teacher if teacher is None else teacher.rows(part)
     rows, weight = teacher
-    return rows[part] @ weight.T
+    return _head(rows[part], weight, last)
 
 
 def _teacher_block(teacher, block: slice):

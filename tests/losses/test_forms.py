@@ -170,7 +170,7 @@ def test_fused_vocab_padding():
 
 def test_fused_no_valid_token():
     hidden, weight, t_hidden, t_weight, labels = make_heads()
-    hidden.requires_grad_()
+    hidden.requires_grad_(), weight.requires_grad_()  # the weight's gradient starts unwritten: must come out 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ce, kd = FusedLinearKDLoss(ForwardKLLoss())(hidden, weight, t_hidden, t_weight,
@@ -179,6 +179,7 @@ def test_fused_no_valid_token():
     assert loss.item() == 0.0 and len(caught) == 1
     loss.backward()
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
 
 
 def test_fused_teacher_is_constant():
