@@ -275,8 +275,8 @@ class _FusedKD(torch.autograd.Function):
             grad_hidden = ctx.grad_hidden * scale
         if ctx.needs_input_grad[1]:
             grad_weight = ctx.grad_weight.to(ctx.weight_dtype)  # a copy unless the dtypes match
-            # scaled in place when that is a copy (a mixed-dtype multiply runs 2x slower here); never the saved
-            # gradient itself, which a second backward reuses
+            # scaled in place when that is a copy (one multiply from float32 into a bf16 output ran slower
+            # than the copy and the scale); never the saved gradient itself, which a second backward reuses
             grad_weight = grad_weight * scale if grad_weight is ctx.grad_weight else grad_weight.mul_(scale)
         return grad_hidden, grad_weight, None, None, None, None, None
 
@@ -316,8 +316,9 @@ def _mix_scale(grad_ce: float, grad_kd: float, ratio: float) -> float:
 
 def _head(rows: torch.Tensor, weight: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """``rows @ weight.T``, written over the previous chunk's logits ``last`` when there are some: a
-    fresh ``[chunk, V]`` tensor each chunk pays its page faults again (about a tenth of the GEMM's time
-    on the development VM). The first product sets the dtype (autocast's, where it is on)."""
+    fresh ``[chunk, V]`` tensor each chunk pays its page faults again (with a new output each call,
+    ``bench_kd_step``'s bf16 GEMM rate at the small heads was a third lower). The first product sets
+    the dtype (autocast's, where it is on)."""
     if last is None:
         return rows @ weight.T
     out = last[: rows.shape[0]]
