@@ -12,8 +12,11 @@ in its own process so peak memory is its own; ratios are against the full-logits
 
 The share of the GEMM rate is the time the step's matmul FLOPs (linear layers, causal attention,
 output heads; the student's three times for forward and backward) would take at the rate torch.mm
-reaches at each model's output-head shape, measured in the same run, over the step's time (the
-fastest of ``--steps``; the GEMM rate is likewise a best, over 2 s of calls).
+reaches at each model's output-head shape over the step's time (the fastest of ``--steps``). The
+rate is the kernel's: the best of 2 s of calls into an output made once, timed by each run's own
+process right after its steps, so a slow spell of the machine slows both. ``--dtype fp32,bf16``
+alternates the two dtypes in one invocation; ``--adamw`` picks the optimizer's implementation (fused
+by default, as the model configs set it).
 ``fused_compiled`` is ``fused`` with its per-block math compiled (``compile_loss: true``). ``--repeats N`` runs every form N times,
 alternated, and shows each form's median run with the range; the first step (allocation, and the
 loss's compile where it compiles) is shown apart. ``--seq`` sets the sequence length, ``--softcap``
@@ -23,7 +26,7 @@ GPU (times after a synchronize, peak memory as allocated by torch); ``chunked`` 
 torchtune computes it (logits of one sequence chunk at a time, through autograd), the baseline a GPU
 user compares with.
 
-    python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--seq 512] [--steps 3] [--dtype fp32]
+    python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--seq 512] [--steps 3] [--dtype fp32[,bf16]] [--adamw fused]
         [--forms full,chunked,fused,fused_compiled,cached] [--repeats 1] [--softcap CAP] [--device cpu] [--breakdown]
 """
 
