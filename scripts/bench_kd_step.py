@@ -34,6 +34,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,8 @@ def forward_flops(args, tokens: int, seq: int = 512) -> float:
 
 def gemm_rate(dtype_name: str, d: int, device: str = "cpu", seconds: float = 2.0) -> float:
     """FLOP/s of torch.mm at an output head's shape: [256, d] x [d, V], into an output allocated once
-    (a new output each call would add its page faults, and understate the rate by about a tenth)."""
+    (a new output each call adds its page faults: a third lower at the small heads in bf16 on the
+    development VM)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -227,16 +229,18 @@ def _kernels(step) -> dict:
     return kinds
 
 
+def gemm_rates(dtype_name: str, shape: str, device: str, seconds: float) -> dict:
+    """The GEMM rate at the student's and at the teacher's head shape."""
+    teacher, student = SHAPES[shape]
+    return {"student": gemm_rate(dtype_name, student[0], device, seconds),
+            "teacher": gemm_rate(dtype_name, teacher[0], device, seconds)}
+
+
 def _share(result: dict, rates: dict) -> float:
     """The time the step's matmuls would take at the measured GEMM rates (each model's at its own
     head shape) over the step's time: 100% is a step as fast as its matmuls alone."""
     ideal = result["student_flops"] / rates["student"] + result["teacher_flops"] / rates["teacher"]
     return ideal / result["seconds_per_step"]
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]  # the lower middle one of an even count
 
 
 def main() -> None:
@@ -264,18 +268,15 @@ def main() -> None:
     dtypes = args.dtype.split(",")
     if any(d not in ("fp32", "bf16") for d in dtypes):
         parser.error(f"--dtype: expected fp32, bf16 or fp32,bf16, got {args.dtype!r}")
-    teacher, student = SHAPES[args.shape]
     if args.gemm:
-        print(json.dumps({"student": gemm_rate(dtypes[0], student[0], args.device, args.gemm_seconds),
-                          "teacher": gemm_rate(dtypes[0], teacher[0], args.device, args.gemm_seconds)}))
+        print(json.dumps(gemm_rates(dtypes[0], args.shape, args.device, args.gemm_seconds)))
         return
     if args.child:
         result = measure(args.child, args.tokens, args.steps, dtypes[0], args.shape,
                          args.breakdown and args.child.startswith("fused"), args.device, args.seq, args.softcap,
                          args.adamw)
         # The GEMM rate in the same process, right after its steps: a slow spell of the VM slows both alike.
-        result["gemm_rates"] = {"student": gemm_rate(dtypes[0], student[0], args.device, args.gemm_seconds),
-                                "teacher": gemm_rate(dtypes[0], teacher[0], args.device, args.gemm_seconds)}
+        result["gemm_rates"] = gemm_rates(dtypes[0], args.shape, args.device, args.gemm_seconds)
         result["gemm_share"] = _share(result, result["gemm_rates"])
         print(json.dumps(result))
         return
@@ -297,14 +298,15 @@ def main() -> None:
         row = dict(ordered[(len(ordered) - 1) // 2], dtype=dtype, runs=len(ordered))
         row["range_tokens_per_second"] = (ordered[-1]["tokens_per_second"], ordered[0]["tokens_per_second"])
         shares = [r["gemm_share"] for r in done]
-        row["gemm_share"], row["range_gemm_share"] = _median(shares), (min(shares), max(shares))
-        row["gemm_rates"] = {m: _median([r["gemm_rates"][m] for r in done]) for m in ("student", "teacher")}
+        row["gemm_share"], row["range_gemm_share"] = statistics.median_low(shares), (min(shares), max(shares))
+        row["gemm_rates"] = {m: statistics.median_low([r["gemm_rates"][m] for r in done]) for m in ("student", "teacher")}
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "runs": {f"{d} {f}": r for (d, f), r in runs.items()}, "shape": args.shape,
                        "dtypes": dtypes, "device": args.device, "tokens": args.tokens, "seq": args.seq,
                        "softcap": args.softcap, "vocab": VOCAB, "adamw": args.adamw}, f, indent=2)
+    teacher, student = SHAPES[args.shape]
     machine = platform.processor() or platform.machine()
     if args.device.startswith("cuda"):
         import torch
