@@ -149,12 +149,13 @@ class FusedLinearKDLoss(nn.Module):
         if self.compiles(teacher):
             t = 1.0 if self.divergence is None else self.divergence.temperature if temperature is None else temperature
             ratio_t = torch.tensor(ratio, dtype=torch.float32, device=logits.device)
+            # the fused pass overwrites each block's logits with their gradient: the same tensor then,
+            # so that the compiled code writes in place rather than into a second view of one buffer
+            target = logits if _same_memory(out, logits) else out
             result = compiled_block_math(logits, teacher, targets, ratio_t, float(t), self.student_softcap,
-                                         self.teacher_softcap)
+                                         self.teacher_softcap, target)
             if result is not None:
-                ce, kd, grad = result
-                out.copy_(grad)
-                return ce, kd
+                return result
         closed = getattr(self.divergence, "sum_and_probs", None)
         if isinstance(teacher, TeacherTopK) or (teacher is not None and closed is None):
             with torch.enable_grad():
@@ -206,6 +207,10 @@ def _write_grad(grad: torch.Tensor, capped: torch.Tensor, cap: float | None, out
     if cap is not None:  # 1 - capped^2 / cap^2 in one pass, into the capped logits' buffer
         grad.mul_(torch.addcmul(capped.new_ones(()), capped, capped, value=-1 / cap**2, out=capped))
     out.copy_(grad)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def check_softcap(cap) -> float | None:

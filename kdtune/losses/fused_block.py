@@ -26,40 +26,44 @@ def compiled_rows(vocab: int) -> int:
     return max(1, COMPILED_BLOCK_BYTES // (4 * vocab))
 
 
-def _softmax_parts(x: torch.Tensor):
-    """``(probabilities, log-sum-exp)`` of each row, one exp per entry."""
-    top = x.amax(-1, keepdim=True)
-    e = (x - top).exp()
-    total = e.sum(-1, keepdim=True)
-    return e / total, top + total.log()
-
-
 def block_math(logits, teacher, targets, ratio, temperature: float, student_cap: float | None,
-               teacher_cap: float | None):
-    """``(ce, kd, grad)`` of a block of rows: summed cross-entropy (temperature 1), summed forward
-    KL at ``temperature`` (``teacher`` None: 0), and the gradient of ``(1 - ratio) * ce + ratio * kd``
-    with respect to the raw student logits, in ``logits``' dtype. Float32 math. ``ratio`` is a 0-d
-    float32 tensor, so a new value reuses the compiled code."""
+               teacher_cap: float | None, out):
+    """``(ce, kd)`` of a block of rows, summed cross-entropy (temperature 1) and summed forward KL at
+    ``temperature`` (``teacher`` None: 0), with the gradient of ``(1 - ratio) * ce + ratio * kd``
+    with respect to the raw student logits written to ``out`` (which may be ``logits`` itself).
+    Float32 math. ``ratio`` is a 0-d float32 tensor, so a new value reuses the compiled code.
+
+    Written in log-sum-exps, with each probability an ``exp`` of a log-probability where it is used:
+    the compiler then recomputes exps in the last pass instead of storing float32 ``[rows, V]``
+    softmaxes and reading them back (one store and load per logit cost more than an exp here)."""
     s = softcap(logits.float(), student_cap)
-    q, lse = _softmax_parts(s)
-    ce = (lse.squeeze(-1) - s.gather(-1, targets[:, None]).squeeze(-1)).sum()
-    onehot = (torch.arange(s.shape[-1], device=s.device)[None, :] == targets[:, None]).float()
+    log_q = s - s.logsumexp(-1, keepdim=True)
+    ce = -log_q.gather(-1, targets[:, None]).sum()
+    onehot = torch.arange(s.shape[-1], device=s.device)[None, :] == targets[:, None]
     if teacher is None:
-        grad, kd = q - onehot, torch.zeros((), dtype=torch.float32, device=s.device)
+        grad, kd = log_q.exp() - onehot.float(), torch.zeros((), dtype=torch.float32, device=s.device)
     else:
         t = softcap(teacher.float(), teacher_cap)
-        s_t, t_t = (s, t) if temperature == 1 else (s / temperature, t / temperature)
-        q_t, lse_t = (q, lse) if temperature == 1 else _softmax_parts(s_t)
-        p, lse_p = _softmax_parts(t_t)
-        # p (log p - log q) from the logits; entries with p = 0 (teacher logit -inf) count 0
-        kd = torch.where(p > 0, p * ((t_t - lse_p) - (s_t - lse_t)), 0.0).sum()
-        grad = (1 - ratio) * (q - onehot) + (ratio / temperature) * (q_t - p)
+        if temperature != 1:
+            s, t = s / temperature, t / temperature
+        log_q_t = log_q if temperature == 1 else s - s.logsumexp(-1, keepdim=True)
+        log_p = t - t.logsumexp(-1, keepdim=True)
+        p = log_p.exp()
+        # p (log p - log q); entries with p = 0 (teacher logit -inf) count 0
+        kd = torch.where(p > 0, p * (log_p - log_q_t), 0.0).sum()
+        # (1 - r)(q - onehot) + (r / T)(q_T - p); at T = 1, q - r p - (1 - r) onehot
+        if temperature == 1:
+            grad = log_q.exp() - ratio * p - torch.where(onehot, 1 - ratio, 0.0)
+        else:
+            grad = (1 - ratio) * (log_q.exp() - onehot.float()) + (ratio / temperature) * (log_q_t.exp() - p)
     if student_cap is not None:  # chained through the cap: d cap·tanh(x/cap)/dx = 1 - (capped/cap)^2
-        grad = grad * (1 - (s / student_cap) ** 2)
-    return ce, kd, grad.to(logits.dtype)
+        capped = softcap(logits.float(), student_cap)
+        grad = grad * (1 - (capped / student_cap) ** 2)
+    out.copy_(grad)
+    return ce, kd
 
 
-def compiled_block_math(logits, teacher, targets, ratio, temperature, student_cap, teacher_cap):
+def compiled_block_math(logits, teacher, targets, ratio, temperature, student_cap, teacher_cap, out):
     """`block_math` through ``torch.compile``; None when compiling fails (said once per process, as
     one warning), and the caller then runs the eager math."""
     global _compiled
@@ -70,10 +74,10 @@ def compiled_block_math(logits, teacher, targets, ratio, temperature, student_ca
     try:
         # the rows vary (a chunk's last block), the vocabulary does not: one build per vocabulary, with
         # its trip counts known to the compiler (all-dynamic shapes ran slower here)
-        for tensor in (logits, teacher, targets):
+        for tensor in (logits, teacher, targets, out):
             if tensor is not None:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return _compiled(logits, teacher, targets, ratio, temperature, student_cap, teacher_cap)
+        return _compiled(logits, teacher, targets, ratio, temperature, student_cap, teacher_cap, out)
     except Exception as error:  # noqa: BLE001 - whatever fails in the compiler stack, eager still works
         _compiled = False
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
