@@ -16,7 +16,8 @@ reaches at each model's output-head shape over the step's time (the fastest of `
 rate is the kernel's: the best of 2 s of calls into an output made once, timed by each run's own
 process right after its steps, so a slow spell of the machine slows both. ``--dtype fp32,bf16``
 alternates the two dtypes in one invocation; ``--adamw`` picks the optimizer's implementation (fused
-by default, as the model configs set it).
+by default, as the model configs set it); ``--thp`` sets PyTorch's ``THP_MEM_ALLOC_ENABLE`` in the
+runs (1 by default, as ``kdtune run`` does; ``1,0`` alternates the two).
 ``fused_compiled`` is ``fused`` with its per-block math compiled (``compile_loss: true``). ``--repeats N`` runs every form N times,
 alternated, and shows each form's median run with the range; the first step (allocation, and the
 loss's compile where it compiles) is shown apart. ``--seq`` sets the sequence length, ``--softcap``
@@ -26,12 +27,13 @@ GPU (times after a synchronize, peak memory as allocated by torch); ``chunked`` 
 torchtune computes it (logits of one sequence chunk at a time, through autograd), the baseline a GPU
 user compares with.
 
-    python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--seq 512] [--steps 3] [--dtype fp32[,bf16]] [--adamw fused]
+    python scripts/bench_kd_step.py [--shape small] [--tokens 1024] [--seq 512] [--steps 3] [--dtype fp32[,bf16]] [--adamw fused] [--thp 1[,0]]
         [--forms full,chunked,fused,fused_compiled,cached] [--repeats 1] [--softcap CAP] [--device cpu] [--breakdown]
 """
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -256,6 +258,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16, or both as fp32,bf16 (alternated)")
     parser.add_argument("--forms", default="full,chunked,fused,cached")
     parser.add_argument("--adamw", default="fused", choices=list(ADAMW), help="the optimizer's implementation")
+    parser.add_argument("--thp", default="1", help="THP_MEM_ALLOC_ENABLE of the runs: 1 (as `kdtune run` sets it), 0, "
+                                                   "or 1,0 (alternated)")
     parser.add_argument("--breakdown", action="store_true", help="where the fused step's time goes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--vocab", type=int, default=VOCAB, help="both models' vocabulary (default: Qwen2's)")
@@ -265,6 +269,9 @@ def main() -> None:
     parser.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     VOCAB = args.vocab
+    thps = args.thp.split(",")
+    if any(t not in ("0", "1") for t in thps):
+        parser.error(f"--thp: expected 1, 0 or 1,0, got {args.thp!r}")
     dtypes = args.dtype.split(",")
     if any(d not in ("fp32", "bf16") for d in dtypes):
         parser.error(f"--dtype: expected fp32, bf16 or fp32,bf16, got {args.dtype!r}")
@@ -284,18 +291,19 @@ def main() -> None:
               "--device", args.device, "--vocab", str(args.vocab), "--gemm-seconds", str(args.gemm_seconds),
               "--seq", str(args.seq), "--adamw", args.adamw, *(["--softcap", str(args.softcap)] if args.softcap else [])]
     forms = args.forms.split(",")
-    runs = {(dtype, form): [] for dtype in dtypes for form in forms}
-    for _ in range(args.repeats):  # dtypes and forms in turn, so that the VM's swings reach each alike
-        for dtype in dtypes:
-            for form in forms:
-                out = subprocess.run([sys.executable, __file__, "--child", form, "--dtype", dtype, *common,
-                                      *(["--breakdown"] if args.breakdown else [])],
-                                     check=True, capture_output=True, text=True).stdout
-                runs[dtype, form].append(json.loads(out.strip().splitlines()[-1]))
+    runs = {(thp, dtype, form): [] for thp in thps for dtype in dtypes for form in forms}
+    for _ in range(args.repeats):  # settings and forms in turn, so that the VM's swings reach each alike
+        for thp, dtype, form in runs:
+            # torch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: one setting per process
+            out = subprocess.run([sys.executable, __file__, "--child", form, "--dtype", dtype, *common,
+                                  *(["--breakdown"] if args.breakdown else [])],
+                                 check=True, capture_output=True, text=True,
+                                 env=dict(os.environ, THP_MEM_ALLOC_ENABLE=thp)).stdout
+            runs[thp, dtype, form].append(json.loads(out.strip().splitlines()[-1]))
     rows = []
-    for (dtype, form), done in runs.items():  # the median run by step time, with medians of the rest
+    for (thp, dtype, form), done in runs.items():  # the median run by step time, with medians of the rest
         ordered = sorted(done, key=lambda r: r["seconds_per_step"])
-        row = dict(ordered[(len(ordered) - 1) // 2], dtype=dtype, runs=len(ordered))
+        row = dict(ordered[(len(ordered) - 1) // 2], dtype=dtype, thp=thp, runs=len(ordered))
         row["range_tokens_per_second"] = (ordered[-1]["tokens_per_second"], ordered[0]["tokens_per_second"])
         shares = [r["gemm_share"] for r in done]
         row["gemm_share"], row["range_gemm_share"] = statistics.median_low(shares), (min(shares), max(shares))
@@ -303,9 +311,9 @@ def main() -> None:
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "runs": {f"{d} {f}": r for (d, f), r in runs.items()}, "shape": args.shape,
+            json.dump({"rows": rows, "runs": {f"thp{t} {d} {f}": r for (t, d, f), r in runs.items()}, "shape": args.shape,
                        "dtypes": dtypes, "device": args.device, "tokens": args.tokens, "seq": args.seq,
-                       "softcap": args.softcap, "vocab": VOCAB, "adamw": args.adamw}, f, indent=2)
+                       "softcap": args.softcap, "vocab": VOCAB, "adamw": args.adamw, "thp": thps}, f, indent=2)
     teacher, student = SHAPES[args.shape]
     machine = platform.processor() or platform.machine()
     if args.device.startswith("cuda"):
@@ -316,11 +324,11 @@ def main() -> None:
           f"{'softcap ' + str(args.softcap) + ', ' if args.softcap else ''}"
           f"teacher {teacher[2]}x{teacher[0]}, student {student[2]}x{student[0]}, vocab {VOCAB}, {args.adamw} AdamW; "
           f"each run's GEMM share against the GEMM rate its own process measured after its steps")
-    for dtype in dtypes:
-        group = [r for r in rows if r["dtype"] == dtype]
+    for thp, dtype in ((t, d) for t in thps for d in dtypes):
+        group = [r for r in rows if r["dtype"] == dtype and r["thp"] == thp]
         base = next((r for r in group if r["form"] == "full"), group[0])
         speed, memory = f"x {base['form']} (tok/s)", f"x {base['form']} (peak)"
-        print(f"\n{dtype}")
+        print(f"\n{dtype}, THP_MEM_ALLOC_ENABLE={thp}")
         print(f"{'form':<14} {'tokens/s':>9} {'range':>11} {'s/step':>7} {'1st step s':>10} {'GEMM GFLOP/s':>13} "
               f"{'GEMM share':>11} {'share range':>12} {'peak GiB':>9} {speed:>20} {memory:>18}")
         for r in group:
@@ -337,7 +345,7 @@ def main() -> None:
         print(f"median of {args.repeats} alternated runs per form and dtype, each run's fastest of {args.steps} "
               f"steps after a first step (its allocation, and where the loss compiles, the compile: '1st step s')")
     for fused in (r for r in rows if args.breakdown and "kernels" in r):
-        total, form = fused["seconds_per_step"], f"{fused['dtype']} {fused['form']}"
+        total, form = fused["seconds_per_step"], f"{fused['dtype']} {fused['form']} (THP_MEM_ALLOC_ENABLE={fused['thp']})"
         print(f"\n{form} step, {total:.2f} s: by stage")
         for name, seconds in fused["sections"].items():
             print(f"  {name:<34} {seconds:>7.3f} s {seconds / total:>6.1%}")

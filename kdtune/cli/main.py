@@ -1,6 +1,7 @@
 """``kdtune ls | cp | cat | validate | run | download | convert | plot``."""
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -189,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     stop_at_once_on_signals()
+    # PyTorch's CPU allocator asks the kernel for transparent huge pages for large tensors when this
+    # is set: a training step's fresh [V, d] gradients then fault in 2 MB pages, not 4 kB ones (measured
+    # in docs/performance.md). torch reads it at its first allocation, so it is set before torch is
+    # imported; THP_MEM_ALLOC_ENABLE=0 turns it off.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv[: argv.index("run")] if "run" in argv else "--debug" in argv
     with user_errors(debug):

@@ -3,8 +3,9 @@ one function, and its compiled form.
 
 Eager PyTorch runs this math as about seven kernels per ``[rows, V]`` block (softmaxes, log-softmaxes,
 a difference, a dot product, the gradient), each exp-heavy pass on its own; ``torch.compile``
-(inductor: C++/OpenMP loops on the CPU, Triton kernels on a GPU) fuses it into one exp per logit
-and a few passes over rows that stay in cache. Inductor keeps what it builds on disk
+(inductor: C++/OpenMP loops on the CPU, Triton kernels on a GPU) fuses it into one kernel: per
+model a max pass and an exp-sum pass, then one pass that recomputes both exps and writes the
+gradient, with nothing ``[rows, V]`` stored in float32 between them. Inductor keeps what it builds on disk
 (``TORCHINDUCTOR_CACHE_DIR``, by default under the temporary folder), so a process's first call
 pays the trace and only a machine's first ever call the C++ build.
 """

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pytest
@@ -90,12 +91,22 @@ def test_download_offline_is_a_clear_error(tmp_path):
     assert "hf_secret_value_123" not in proc.stderr + proc.stdout
 
 
-def test_run_dispatches_in_process(tmp_path):
+def test_run_dispatches_in_process(tmp_path, monkeypatch):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     out = tmp_path / "out"
     proc = run_kdtune("run", ECHO_RECIPE, "--config", ECHO_CONFIG, f"output_dir={out}", "lr=0.5")
     assert proc.returncode == 0, proc.stderr
     got = json.loads((out / "rank0.json").read_text())
     assert got["config"]["optimizer"]["lr"] == 0.5 and "world_size" not in got
+    assert got["thp"] == "1"  # huge pages for torch's large CPU tensors, unless the user says otherwise
+
+
+def test_run_keeps_the_users_huge_page_setting(tmp_path):
+    out = tmp_path / "out"
+    proc = run_kdtune("run", ECHO_RECIPE, "--config", ECHO_CONFIG, f"output_dir={out}",
+                      env={"THP_MEM_ALLOC_ENABLE": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "rank0.json").read_text())["thp"] == "0"
 
 
 def test_run_dispatches_through_torchrun(tmp_path):
@@ -105,7 +116,7 @@ def test_run_dispatches_through_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for rank in (0, 1):
         got = json.loads((out / f"rank{rank}.json").read_text())
-        assert got["world_size"] == 2 and got["rank_sum"] == 1.0
+        assert got["world_size"] == 2 and got["rank_sum"] == 1.0 and got["thp"] in ("1", os.environ.get("THP_MEM_ALLOC_ENABLE"))
         assert got["config"]["output_dir"] == str(out)
 
 

@@ -1,5 +1,6 @@
-"""A minimal recipe for testing `kdtune run`: writes the config it received (and, under torchrun,
-the all-reduced sum of ranks) to ``${output_dir}/rank{RANK}.json``."""
+"""A minimal recipe for testing `kdtune run`: writes the config it received, its
+THP_MEM_ALLOC_ENABLE (and, under torchrun, the all-reduced sum of ranks) to
+``${output_dir}/rank{RANK}.json``."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from kdtune.errors import KDTuneError
 def main(cfg):
     if cfg.get("fail_with"):
         raise KDTuneError(cfg.fail_with)
-    out = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    out = {"config": OmegaConf.to_container(cfg, resolve=True), "thp": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     rank = int(os.environ.get("RANK", 0))
     if "WORLD_SIZE" in os.environ:
         import torch
