@@ -52,7 +52,10 @@ class FusedLinearKDLoss(nn.Module):
     given — pass the valid-token count of the whole optimizer step (all micro-batches, all ranks)
     so that accumulated gradients are exact — else the local count (``mean``) or 1 (``sum``).
     Peak memory grows with ``chunk_size × V``: the chunk's student and teacher logits in the weights'
-    dtype (the gradient overwrites the student's), plus float32 blocks of `block_rows` rows.
+    dtype (the gradient overwrites the student's), plus float32 blocks of `block_rows` rows, and the
+    output weight's gradient, a float32 ``[V, d]`` sum; where every token's ``[N, V]`` logit gradient
+    takes no more memory than that sum and one chunk of logits, those are kept instead and the weight
+    gradient is one GEMM over all tokens in backward (a bf16 student of width d: N up to 2d + chunk).
 
     ``compile``: run the closed-form block math (cross-entropy alone, or with forward KL from a
     dense teacher) through ``torch.compile`` (`kdtune.losses.fused_block`); where compiling fails
@@ -236,17 +239,27 @@ class _FusedKD(torch.autograd.Function):
         ratio, temperature, normalizer, grad_enabled = settings
         rows = hidden.index_select(0, keep)
         grad_rows = torch.zeros_like(rows) if grad_enabled and ctx.needs_input_grad[0] else None
+        weight_grad = grad_enabled and ctx.needs_input_grad[1]
+        # The output weight's gradient, sum over tokens of (logit gradient)^T (hidden row), is made one of
+        # two ways: each chunk's product added into a float32 [V, d] sum, or, where it takes no more
+        # memory than that sum and a chunk's logits, every chunk's logit gradient kept ([N, V], in the
+        # weight's dtype) for one GEMM over all tokens in backward (no float32 [V, d] traffic per
+        # chunk, and one rounding of the sum instead of one per chunk's product).
+        keep_all = weight_grad and _keeps_logit_grads(rows, weight, loss.chunk_size)
+        all_logits = torch.empty(rows.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device) \
+            if keep_all else None
         # written by the first chunk's product, so not zeroed first (an empty batch zeroes it below)
         grad_weight = torch.empty(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                                  device=weight.device) if grad_enabled and ctx.needs_input_grad[1] else None
+                                  device=weight.device) if weight_grad and not keep_all else None
         ce_total = kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        wanted = grad_rows is not None or grad_weight is not None
+        wanted = grad_rows is not None or weight_grad
         compiled = wanted and loss.compiles(teacher)
         step = compiled_rows(weight.shape[0]) if compiled else block_rows(weight.shape[0])
         logits = teacher_logits = None  # after the first chunk, each chunk's logits overwrite the last one's
         for start in range(0, rows.shape[0], loss.chunk_size):
             part = slice(start, start + loss.chunk_size)
-            logits = _head(rows[part], weight, logits)  # the chunk's head GEMM, in the weights' dtype
+            # the chunk's head GEMM, in the weights' dtype (autocast's, where it is on)
+            logits = _head(rows[part], weight, all_logits[part] if keep_all else logits)
             teacher_logits = _teacher_chunk(teacher, part, teacher_logits)
             grad_logits = logits if wanted else None  # each block's gradient overwrites its logits, once read
             for first in range(0, logits.shape[0], step):
@@ -270,6 +283,7 @@ class _FusedKD(torch.autograd.Function):
             ctx.grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
         # The gradients above are of the unnormalized sum; backward divides by the normalizer.
         ctx.grad_weight, ctx.weight_dtype, ctx.ratio, ctx.normalizer = grad_weight, weight.dtype, ratio, normalizer
+        ctx.logit_grads, ctx.rows = (all_logits, rows) if keep_all else (None, None)
         return ce_total / normalizer, kd_total / normalizer
 
     @staticmethod
@@ -278,12 +292,31 @@ class _FusedKD(torch.autograd.Function):
         grad_hidden = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_hidden = ctx.grad_hidden * scale
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.logit_grads is not None:
+            # one GEMM over every token, scaled inside it (beta 0: the output's initial values are ignored)
+            grads, rows = ctx.logit_grads, ctx.rows
+            out = torch.empty((grads.shape[1], rows.shape[1]), dtype=grads.dtype, device=grads.device)
+            grad_weight = torch.addmm(out, grads.T, rows, beta=0, alpha=scale)
+        elif ctx.needs_input_grad[1]:
             grad_weight = ctx.grad_weight.to(ctx.weight_dtype)  # a copy unless the dtypes match
             # scaled in place when that is a copy (one multiply from float32 into a bf16 output ran slower
             # than the copy and the scale); never the saved gradient itself, which a second backward reuses
             grad_weight = grad_weight * scale if grad_weight is ctx.grad_weight else grad_weight.mul_(scale)
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _keeps_logit_grads(rows: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> bool:
+    """Whether the fused pass keeps every chunk's logit gradient for one weight-gradient GEMM: where
+    the logits are in the weight's dtype (no autocast to another), the hidden rows too, and ``[N, V]``
+    of them take no more memory than what they replace, the ``[V, d]`` sum (float32 or wider) and one chunk's
+    ``[chunk, V]`` logits (N up to 2d + chunk tokens in bf16, d + chunk in float32 and float64)."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != weight.dtype:
+        return False
+    if rows.dtype != weight.dtype:
+        return False
+    size, sum_size = weight.element_size(), torch.promote_types(weight.dtype, torch.float32).itemsize
+    return rows.shape[0] * size <= weight.shape[1] * sum_size + min(chunk_size, rows.shape[0]) * size
 
 
 def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, rows: torch.Tensor, first: bool) -> None:
@@ -320,10 +353,10 @@ def _mix_scale(grad_ce: float, grad_kd: float, ratio: float) -> float:
 
 
 def _head(rows: torch.Tensor, weight: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """``rows @ weight.T``, written over the previous chunk's logits ``last`` when there are some: a
-    fresh ``[chunk, V]`` tensor each chunk pays its page faults again (with a new output each call,
-    ``bench_kd_step``'s bf16 GEMM rate at the small heads was a third lower). The first product sets
-    the dtype (autocast's, where it is on)."""
+    """``rows @ weight.T``, written into ``last`` when given: the previous chunk's logits (a fresh
+    ``[chunk, V]`` tensor each chunk pays its page faults again; with a new output each call,
+    ``bench_kd_step``'s bf16 GEMM rate at the small heads was a third lower) or the chunk's rows of
+    the kept ``[N, V]`` logits. Otherwise the product sets the dtype (autocast's, where it is on)."""
     if last is None:
         return rows @ weight.T
     out = last[: rows.shape[0]]

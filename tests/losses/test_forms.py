@@ -28,6 +28,15 @@ DIVERGENCES = [
 B, S, V, D_S, D_T = 2, 13, 31, 8, 12
 
 
+@pytest.fixture(autouse=True, params=["summed", "kept"])
+def weight_gradient_path(request, monkeypatch):
+    """Every test here on both of the fused form's ways to its weight gradient: chunk products summed
+    into a [V, d] sum, or every chunk's logit gradient kept for one GEMM in backward (the shapes here
+    would pick either by memory alone)."""
+    monkeypatch.setattr("kdtune.losses.fused._keeps_logit_grads", lambda *args: request.param == "kept")
+    return request.param
+
+
 def make_heads(dtype=torch.float64, seed=0, vocab_s=V, vocab_t=V):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, S, D_S, generator=g).to(dtype)
@@ -190,3 +199,4 @@ def test_fused_teacher_is_constant():
     ce, kd = FusedLinearKDLoss(ForwardKLLoss())(hidden, weight, t_hidden, t_weight, labels, kd_ratio=0.5)
     (0.5 * ce + 0.5 * kd).backward()
     assert t_hidden.grad is None and t_weight.grad is None and hidden.grad is not None
+

@@ -115,3 +115,20 @@ def test_a_kd_ratio_outside_0_1_is_refused(bad):
         with pytest.raises(KDTuneError, match="kd_ratio"):
             LinearKDLoss(ForwardKLLoss(), form=form)(hidden, weight, t_hidden, t_weight, labels, kd_ratio=bad,
                                                      num_tokens=5)
+
+
+def test_logit_gradients_are_kept_only_where_they_take_no_more_memory():
+    from kdtune.losses.fused import _keeps_logit_grads
+
+    d, chunk = 16, 8
+    for dtype, most in ((torch.bfloat16, 2 * d + chunk), (torch.float32, d + chunk), (torch.float64, d + chunk)):
+        weight = torch.zeros(100, d, dtype=dtype)
+        assert _keeps_logit_grads(torch.zeros(most, d, dtype=dtype), weight, chunk)
+        assert not _keeps_logit_grads(torch.zeros(most + 1, d, dtype=dtype), weight, chunk)
+        assert _keeps_logit_grads(torch.zeros(3, d, dtype=dtype), weight, chunk)  # fewer tokens than a chunk
+    # autocast makes bf16 logits from float32 weights: the float32 sum, whose products are bf16
+    weight, rows = torch.zeros(100, d), torch.zeros(4, d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _keeps_logit_grads(rows, weight, chunk)
+    assert _keeps_logit_grads(rows, weight, chunk)
+    assert not _keeps_logit_grads(rows.bfloat16(), weight, chunk)  # rows in another dtype than the weight
