@@ -45,10 +45,9 @@ def block_math(logits, teacher, targets, ratio, temperature: float, student_cap:
         grad, kd = log_q.exp() - onehot.float(), torch.zeros((), dtype=torch.float32, device=s.device)
     else:
         t = softcap(teacher.float(), teacher_cap)
-        if temperature != 1:
-            s, t = s / temperature, t / temperature
-        log_q_t = log_q if temperature == 1 else s - s.logsumexp(-1, keepdim=True)
-        log_p = t - t.logsumexp(-1, keepdim=True)
+        s_t, t_t = (s, t) if temperature == 1 else (s / temperature, t / temperature)
+        log_q_t = log_q if temperature == 1 else s_t - s_t.logsumexp(-1, keepdim=True)
+        log_p = t_t - t_t.logsumexp(-1, keepdim=True)
         p = log_p.exp()
         # p (log p - log q); entries with p = 0 (teacher logit -inf) count 0
         kd = torch.where(p > 0, p * (log_p - log_q_t), 0.0).sum()
@@ -58,8 +57,7 @@ def block_math(logits, teacher, targets, ratio, temperature: float, student_cap:
         else:
             grad = (1 - ratio) * (log_q.exp() - onehot.float()) + (ratio / temperature) * (log_q_t.exp() - p)
     if student_cap is not None:  # chained through the cap: d cap·tanh(x/cap)/dx = 1 - (capped/cap)^2
-        capped = softcap(logits.float(), student_cap)
-        grad = grad * (1 - (capped / student_cap) ** 2)
+        grad = grad * (1 - (s / student_cap) ** 2)
     out.copy_(grad)
     return ce, kd
 
