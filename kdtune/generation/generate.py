@@ -135,30 +135,82 @@ def generate(
     return GenerationOutput(sequences, width, prompt_lens, completion_lens, stopped, completions)
 
 
-_HEADS: dict[tuple, bool] = {}  # (device, dtype, weight shape, rows) -> whether weight @ h.T is faster
+# (device, dtype, weight shape, rows, threads) -> {form: seconds a call}, plus "setup": seconds to pack
+_HEADS: dict[tuple, dict[str, float]] = {}
 
 
-def output_head(weight: torch.Tensor, rows: int):
-    """The decode step's output projection ``h [rows, d] -> logits [rows, V]``, in the faster of two
-    orientations of the same product, timed once per shape: on this CPU MKL computes a few float32
-    rows against a 152k-row vocabulary 1.6x faster as ``weight @ h.T``, bf16 ones 1.6x faster as
-    ``F.linear(h, weight)``."""
-    key = (weight.device, weight.dtype, tuple(weight.shape), rows)
+def _packable(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def output_head(weight: torch.Tensor, rows: int, steps: int = 1):
+    """The decode step's output projection for ``steps`` calls: a function ``h [rows, d] -> logits
+    [rows, V]``, at least float32, contiguous, and valid until the next call (a buffer is reused).
+
+    Forms of the same product, each timed once per shape, and the one with the least time for
+    ``steps`` calls kept: ``F.linear`` ("linear"); the vocabulary-major ``weight @ h.T``
+    ("vocab-major"); the vocabulary cut into one block per thread as one batched product ("blocks"),
+    each thread running a whole single-threaded GEMM; and, on the CPU, the weight packed once into
+    oneDNN's blocked layout ("packed": the packing that inductor's weight freezing does, paid once
+    per call of this function, a copy of the weight held while it lasts). A plain GEMM with 8 rows
+    re-packs the whole weight every call; on this project's CPUs the forms differ by up to 2x
+    (docs/performance.md, "Sampling").
+    """
+    vocab, width = weight.shape
+    device, threads = weight.device, torch.get_num_threads()
+    logits = torch.empty(rows, vocab, dtype=torch.promote_types(weight.dtype, torch.float32), device=device)
+
+    def widened(product):
+        return product if product.dtype == logits.dtype else logits.copy_(product)
+
+    def make(form):
+        if form == "linear":
+            product = logits if logits.dtype == weight.dtype else torch.empty_like(logits, dtype=weight.dtype)
+            return lambda h: widened(torch.mm(h, weight.T, out=product))
+        if form == "packed":
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+            return lambda h: widened(torch.ops.mkldnn._linear_pointwise(h.contiguous(), packed, None, "none", [], ""))
+        blocks = threads if form == "blocks" else 1
+        per_block = weight.view(blocks, vocab // blocks, width)
+        columns = torch.empty(blocks, vocab // blocks, rows, dtype=weight.dtype, device=device)
+
+        def in_columns(h):  # the transposing copy widens too
+            torch.bmm(per_block, h.T.expand(blocks, width, rows), out=columns)
+            return logits.copy_(columns.view(vocab, rows).T)
+        return in_columns
+
+    key = (device, weight.dtype, tuple(weight.shape), rows, threads)
     if key not in _HEADS:
-        h = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        seconds = {}
-        for _ in range(3):  # alternating, the best of 3 each after a first call: timings are noisy
-            for transposed in (True, False):
-                start = time.perf_counter()
-                (weight @ h.T).T if transposed else torch.nn.functional.linear(h, weight)
-                if weight.device.type == "cuda":
-                    torch.cuda.synchronize(weight.device)
-                seconds.setdefault(transposed, []).append(time.perf_counter() - start)
-        seconds = {k: min(v[1:]) for k, v in seconds.items()}
-        _HEADS[key] = seconds[True] < seconds[False]
-    if _HEADS[key]:
-        return lambda h: (weight @ h.T).T
-    return lambda h: torch.nn.functional.linear(h, weight)
+        _HEADS[key] = _time_forms(make, weight, rows, threads)
+    return make(_cheapest(_HEADS[key], steps))
+
+
+def _cheapest(seconds: dict[str, float], steps: int) -> str:
+    """The form with the least time for ``steps`` calls, packing included."""
+    return min((f for f in seconds if f != "setup"),
+               key=lambda f: steps * seconds[f] + (seconds["setup"] if f == "packed" else 0.0))
+
+
+def _time_forms(make, weight, rows, threads) -> dict[str, float]:
+    def clock(fn):
+        start = time.perf_counter()
+        result = fn()
+        if weight.device.type == "cuda":
+            torch.cuda.synchronize(weight.device)
+        return time.perf_counter() - start, result
+
+    names = ["linear", "vocab-major"] + ["blocks"] * (threads > 1 and weight.shape[0] % threads == 0)
+    forms = {name: make(name) for name in names}
+    seconds = {}
+    if _packable(weight):
+        seconds["setup"], forms["packed"] = clock(lambda: make("packed"))
+    h = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    calls = {}
+    for _ in range(4):  # alternating, the best of 3 each after a first call: timings are noisy
+        for name, form in forms.items():
+            calls.setdefault(name, []).append(clock(lambda: form(h))[0])
+    return seconds | {name: min(times[1:]) for name, times in calls.items()}
 
 
 def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, vocab_size, use_cache):
@@ -176,7 +228,7 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, vocab_
     positions = padded_positions(real)
     stop_ids = stop_ids.to(device)
     weight = model.output_weight[:vocab_size]  # merged once for a LoRA output layer
-    project, cap = output_head(weight, batch), model.args.final_logit_softcapping
+    project, cap = output_head(weight, batch, max_new_tokens), model.args.final_logit_softcapping
     head = project if cap is None else (lambda h: softcap(project(h), cap))
     if use_cache:
         model.setup_caches(batch, total - 1)  # the last token is returned, never fed

@@ -26,6 +26,23 @@ def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: floa
     return logits
 
 
+_BLOCK = 128
+
+
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` for ``[B, V]`` logits — each row's first largest value, a NaN counting
+    as largest — found through blocks of 128: the first block whose maximum is the row's, then the
+    first maximum inside it. The CPU's argmax runs element by element (1.9 ms for 8 float32 rows of
+    152k here); the blocks' maxima are one vectorized pass (0.2 ms with the rest)."""
+    rows, vocab = logits.shape
+    if vocab % _BLOCK or not logits.is_contiguous():
+        return logits.argmax(-1)
+    blocks = logits.view(rows, vocab // _BLOCK, _BLOCK)
+    block = blocks.amax(-1).argmax(-1)  # amax keeps a NaN, argmax picks the first NaN or maximum
+    inside = blocks[torch.arange(rows, device=logits.device), block].argmax(-1)
+    return block * _BLOCK + inside
+
+
 def sample_next(
     logits: torch.Tensor,
     *,
@@ -43,7 +60,7 @@ def sample_next(
     probability to float32's precision; a token of probability 0 is never drawn."""
     logits = logits.float()
     if temperature == 0:
-        return logits.argmax(-1)
+        return first_argmax(logits)
     probs = filter_logits(logits / temperature, top_k=top_k, top_p=top_p).softmax(-1)
     cumulative = probs.double().cumsum(-1)
     # u < 1 in float32, so u * total < total in float64: the point lies inside the distribution

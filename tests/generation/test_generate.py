@@ -184,15 +184,55 @@ def test_bad_arguments_are_user_errors(checkpoints, kwargs, match):
         generate(model, **args)
 
 
-@pytest.mark.parametrize("transposed", [True, False])
-def test_the_output_head_is_the_same_product_in_either_orientation(transposed, monkeypatch):
-    """Generation times ``weight @ h.T`` against ``F.linear(h, weight)`` once per shape and keeps the
-    faster; both are the logits ``h @ weight.T``."""
-    module = importlib.import_module("kdtune.generation.generate")  # the package's `generate` is the function
-
-    weight, h = torch.randn(1000, 16, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+def _head_in_form(module, weight, rows, form, monkeypatch):
+    """The output head for ``weight`` in the given form: the forms are timed, then the choice forced."""
     monkeypatch.setattr(module, "_HEADS", {})
-    module.output_head(weight, 3)  # times both, records the choice
-    assert list(module._HEADS.values()) in ([True], [False])
-    module._HEADS[next(iter(module._HEADS))] = transposed
-    torch.testing.assert_close(module.output_head(weight, 3)(h), h @ weight.T, rtol=1e-12, atol=1e-12)
+    module.output_head(weight, rows)  # times every form
+    (seconds,) = module._HEADS.values()
+    assert {"linear", "vocab-major"} <= seconds.keys()
+    assert ("packed" in seconds) == ("setup" in seconds) == module._packable(weight)
+    if form not in seconds:
+        pytest.skip(f"no {form} form here")
+    module._HEADS[next(iter(module._HEADS))] = {form: 0.0, "setup": 0.0}
+    return module.output_head(weight, rows)
+
+
+FORMS = ["linear", "vocab-major", "blocks", "packed"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_output_head_is_the_same_product_in_every_form(form, monkeypatch):
+    """Generation times the forms of ``h @ weight.T`` once per shape and keeps the fastest for the
+    number of steps; each gives those logits, contiguous, and keeps giving them call after call."""
+    module = importlib.import_module("kdtune.generation.generate")  # the package's `generate` is the function
+    if form == "blocks":
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # one block per thread
+    dtype = torch.float32 if form == "packed" else torch.float64  # oneDNN packs no float64
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    weight, hs = torch.randn(1000, 16, dtype=dtype), torch.randn(2, 3, 16, dtype=dtype)
+    head = _head_in_form(module, weight, 3, form, monkeypatch)
+    first = head(hs[0])
+    assert first.is_contiguous() and first.dtype == dtype
+    torch.testing.assert_close(first.clone(), hs[0] @ weight.T, **tol)
+    torch.testing.assert_close(head(hs[1]), hs[1] @ weight.T, **tol)
+    torch.testing.assert_close(head(torch.randn(3, 5, 16, dtype=dtype)[:, -1]).shape, (3, 1000))  # a strided h
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_output_head_widens_bf16_logits_to_float32(form, monkeypatch):
+    module = importlib.import_module("kdtune.generation.generate")
+    if form == "blocks":
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    weight, h = torch.randn(1024, 32).bfloat16(), torch.randn(8, 32).bfloat16()
+    logits = _head_in_form(module, weight, 8, form, monkeypatch)(h)
+    assert logits.dtype == torch.float32 and logits.is_contiguous()
+    expected = h.double() @ weight.double().T
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-2, atol=1e-2)  # bf16 products, float32 sums
+
+
+def test_packing_the_head_is_chosen_only_when_the_steps_repay_it():
+    module = importlib.import_module("kdtune.generation.generate")
+    seconds = {"linear": 2.0, "vocab-major": 3.0, "packed": 1.0, "setup": 10.0}
+    assert module._cheapest(seconds, 5) == "linear"  # 10 + 5 > 10
+    assert module._cheapest(seconds, 20) == "packed"  # 10 + 20 < 40
+    assert module._cheapest({"linear": 2.0, "vocab-major": 1.5}, 1) == "vocab-major"

@@ -1,11 +1,12 @@
-"""top-k / top-p filtering against a direct formula, and the sampled frequencies."""
+"""top-k / top-p filtering against a direct formula, the sampled frequencies, and greedy choice
+against torch.argmax."""
 
 import math
 
 import pytest
 import torch
 
-from kdtune.generation import filter_logits, sample_next
+from kdtune.generation import filter_logits, first_argmax, sample_next
 
 
 def kept_by_formula(probs: list[float], top_k=None, top_p=None) -> set[int]:
@@ -66,3 +67,30 @@ def test_greedy_ignores_the_generator_and_filters():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 0.5]])
     assert sample_next(logits).tolist() == [1, 0]
     assert sample_next(logits, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1)).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("vocab", [128 * 37, 1000])  # blocks of 128, and the plain argmax where they don't fit
+def test_first_argmax_is_torch_argmax(dtype, vocab):
+    """Ties (inside a block and across blocks), NaN (counts as largest, the first one wins), rows of
+    -inf, +inf: the same index as torch.argmax on every row, in a contiguous batch and a transposed one."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, vocab, generator=gen).to(dtype)
+    logits[1, [5, 300, 4000 % vocab]] = 9.0  # ties across blocks: the first
+    logits[2, [130, 131]] = 9.0  # ties inside a block
+    logits[3, [700, 200]] = float("nan")
+    logits[4] = float("-inf")
+    logits[5, [900, 10]] = float("inf")
+    logits[6, 64] = float("nan")
+    logits[6, 3] = float("inf")
+    logits[7] = 0.0  # all equal
+    logits[8, -1] = 9.0  # the last column
+    logits[9] = logits[9].round()  # many ties
+    assert torch.equal(first_argmax(logits), logits.argmax(-1))
+    transposed = logits.T.contiguous().T
+    assert torch.equal(first_argmax(transposed), logits.argmax(-1))
+
+
+def test_greedy_choice_matches_torch_argmax_on_a_real_sized_vocabulary():
+    logits = torch.randn(8, 151936, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert torch.equal(sample_next(logits), logits.float().argmax(-1))
