@@ -10,11 +10,14 @@ same run, and whether each method produced the same tokens.
 ``--temperature T`` samples instead (the whole tempered distribution, as the on-policy recipe's
 sampler does without top-k/top-p; each method draws its own tokens, so "same tokens" compares
 kdtune's cached and uncached runs, which share a seed). ``--hf-best`` adds transformers with its static cache, and with that cache and its decode step compiled.
+The line above the table gives the form kdtune chose for its output head and each form's timing
+(`kdtune.generation.generate.output_head`).
 
     python scripts/bench_generate.py [--batch 8] [--prompt-len 64] [--new-tokens 64] [--device cpu] [--threads N] [--repeats 3] [--hf-best]
 """
 
 import argparse
+import importlib
 import platform
 import tempfile
 import time
@@ -136,6 +139,12 @@ def main():
                     results[name] = (seconds, completions)
 
     tokens = args.batch * args.new_tokens
+    decode = importlib.import_module("kdtune.generation.generate")  # the package's `generate` is the function
+    for (_, dtype_, shape, rows, threads), seconds in decode._HEADS.items():
+        if rows == args.batch and shape[0] == args.vocab:
+            per_call = ", ".join(f"{form} {1e3 * s:.2f} ms" for form, s in seconds.items())
+            print(f"kdtune's output head, {threads} threads: {decode._cheapest(seconds, args.new_tokens)} for "
+                  f"{args.new_tokens} steps (per call: {per_call.replace('setup', 'packing, once')})")
     baseline_seconds = results["kdtune, no cache"][0]
     reference = results["kdtune, no cache"][1]
     with open("/proc/cpuinfo") as f:
