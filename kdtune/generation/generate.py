@@ -141,6 +141,7 @@ _HEADS: dict[tuple, dict[str, float]] = {}
 
 def _packable(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and type(weight) is torch.Tensor
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
@@ -200,12 +201,18 @@ def _time_forms(make, weight, rows, threads) -> dict[str, float]:
             torch.cuda.synchronize(weight.device)
         return time.perf_counter() - start, result
 
-    names = ["linear", "vocab-major"] + ["blocks"] * (threads > 1 and weight.shape[0] % threads == 0)
+    blocks = threads > 1 and weight.shape[0] % threads == 0 and weight.is_contiguous()
+    names = ["linear", "vocab-major"] + ["blocks"] * blocks
     forms = {name: make(name) for name in names}
     seconds = {}
-    if _packable(weight):
-        seconds["setup"], forms["packed"] = clock(lambda: make("packed"))
     h = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    if _packable(weight):
+        try:
+            seconds["setup"], packed = clock(lambda: make("packed"))
+            packed(h)  # a oneDNN build that packs but cannot multiply fails here
+            forms["packed"] = packed
+        except RuntimeError:  # the other forms remain
+            seconds.pop("setup", None)
     calls = {}
     for _ in range(4):  # alternating, the best of 3 each after a first call: timings are noisy
         for name, form in forms.items():
