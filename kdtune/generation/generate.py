@@ -155,7 +155,7 @@ def output_head(weight: torch.Tensor, rows: int, steps: int = 1):
     each thread running a whole single-threaded GEMM; and, on the CPU, the weight packed once into
     oneDNN's blocked layout ("packed": the packing that inductor's weight freezing does, paid once
     per call of this function, a copy of the weight held while it lasts). A plain GEMM with 8 rows
-    re-packs the whole weight every call; on this project's CPUs the forms differ by up to 2x
+    re-packs the whole weight every call; on this project's CPUs the forms differ by up to 2.5x
     (docs/performance.md, "Sampling").
     """
     vocab, width = weight.shape
