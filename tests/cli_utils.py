@@ -80,11 +80,14 @@ _server_env: dict | None = None
 _lock = threading.Lock()
 
 
+def _as_kdtune_imports(env: dict) -> dict:
+    return {"THP_MEM_ALLOC_ENABLE": "1", **env}  # what `kdtune` sets before importing torch
+
+
 def _warm_server() -> subprocess.Popen:
     global _server, _server_env
     if _server is None or _server.poll() is not None:
-        _server_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        _server_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # what `kdtune` sets before importing torch
+        _server_env = _as_kdtune_imports({**os.environ, "PYTHONUNBUFFERED": "1"})
         _server = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=REPO, env=_server_env, text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     return _server
@@ -92,10 +95,8 @@ def _warm_server() -> subprocess.Popen:
 
 def _imports_alike(env: dict) -> bool:
     """Whether torch, imported under the warm process's environment, is what ``env`` would import."""
-    reference = {**_server_env} if _server_env is not None else {**os.environ, "PYTHONUNBUFFERED": "1"}
-    reference.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    env = {**env}
-    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    reference = _server_env or _as_kdtune_imports({**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = _as_kdtune_imports(env)
     keys = {k for k in reference.keys() | env.keys() if k.startswith(_IMPORT_TIME)}
     return all(reference.get(k) == env.get(k) for k in keys)
 
