@@ -137,6 +137,26 @@ def generate(
 
 # (device, dtype, weight shape, rows, threads) -> {form: seconds a call}, plus "setup": seconds to pack
 _HEADS: dict[tuple, dict[str, float]] = {}
+# The packed form's copy of the weight may take at most this share of the memory available when a
+# `generate` call starts (Qwen2.5-0.5B's head in fp32: 545 MB; a 7B model's, 2.2 GB).
+PACKED_MEMORY_SHARE = 0.25
+
+
+def _available_bytes() -> int | None:
+    """The memory the kernel could give this process now (``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _copy_fits(weight: torch.Tensor) -> bool:
+    available = _available_bytes()
+    return available is None or weight.numel() * weight.element_size() <= PACKED_MEMORY_SHARE * available
 
 
 def _packable(weight: torch.Tensor) -> bool:
@@ -154,7 +174,8 @@ def output_head(weight: torch.Tensor, rows: int, steps: int = 1):
     ("vocab-major"); the vocabulary cut into one block per thread as one batched product ("blocks"),
     each thread running a whole single-threaded GEMM; and, on the CPU, the weight packed once into
     oneDNN's blocked layout ("packed": the packing that inductor's weight freezing does, paid once
-    per call of this function, a copy of the weight held while it lasts). A plain GEMM with 8 rows
+    per call of this function, a copy of the weight held while it lasts, and only where that copy takes
+    at most ``PACKED_MEMORY_SHARE`` of the memory available). A plain GEMM with 8 rows
     re-packs the whole weight every call; on this project's CPUs the forms differ by up to 2.5x
     (docs/performance.md, "Sampling").
     """
@@ -184,7 +205,10 @@ def output_head(weight: torch.Tensor, rows: int, steps: int = 1):
     key = (device, weight.dtype, tuple(weight.shape), rows, threads)
     if key not in _HEADS:
         _HEADS[key] = _time_forms(make, weight, rows, threads)
-    return make(_cheapest(_HEADS[key], steps))
+    seconds = _HEADS[key]
+    if "packed" in seconds and weight.device.type == "cpu" and not _copy_fits(weight):
+        seconds = {form: s for form, s in seconds.items() if form not in ("packed", "setup")}
+    return make(_cheapest(seconds, steps))
 
 
 def _cheapest(seconds: dict[str, float], steps: int) -> str:
@@ -206,7 +230,7 @@ def _time_forms(make, weight, rows, threads) -> dict[str, float]:
     forms = {name: make(name) for name in names}
     seconds = {}
     h = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    if _packable(weight):
+    if _packable(weight) and _copy_fits(weight):
         try:
             seconds["setup"], packed = clock(lambda: make("packed"))
             packed(h)  # a oneDNN build that packs but cannot multiply fails here

@@ -250,3 +250,29 @@ def test_packing_the_head_is_chosen_only_when_the_steps_repay_it():
     assert module._cheapest(seconds, 5) == "linear"  # 10 + 5 > 10
     assert module._cheapest(seconds, 20) == "packed"  # 10 + 20 < 40
     assert module._cheapest({"linear": 2.0, "vocab-major": 1.5}, 1) == "vocab-major"
+
+
+@pytest.mark.parametrize("available, packed", [(None, True), (10**12, True), (4 * 4000 * 16 - 1, False)])
+def test_the_packed_head_is_left_out_where_its_copy_would_take_too_much_memory(available, packed, monkeypatch):
+    """The packed form holds a copy of the weight while a call lasts: only where it takes at most a
+    quarter of the memory available (unknown: allowed), whatever the timings say."""
+    module = importlib.import_module("kdtune.generation.generate")
+    weight = torch.randn(4000, 16)  # 256,000 bytes: a quarter of 1,024,000
+    monkeypatch.setattr(module, "_available_bytes", lambda: available)
+    key = (weight.device, weight.dtype, tuple(weight.shape), 3, torch.get_num_threads())
+    monkeypatch.setattr(module, "_HEADS", {key: {"linear": 1.0, "vocab-major": 2.0, "packed": 0.0, "setup": 0.0}})
+    offered = []
+    cheapest = module._cheapest
+    monkeypatch.setattr(module, "_cheapest", lambda seconds, steps: offered.append(set(seconds)) or cheapest(seconds, steps))
+    h = torch.randn(3, 16)
+    if packed and not module._packable(weight):
+        pytest.skip("oneDNN cannot pack here")
+    torch.testing.assert_close(module.output_head(weight, 3)(h), h @ weight.T, rtol=1e-5, atol=1e-5)
+    assert ("packed" in offered[0]) == packed
+    assert module._copy_fits(weight) == packed
+
+
+def test_the_available_memory_is_read_from_the_kernel():
+    module = importlib.import_module("kdtune.generation.generate")
+    available = module._available_bytes()
+    assert available is None or 0 < available < 2**50
