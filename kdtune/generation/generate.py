@@ -142,20 +142,10 @@ _HEADS: dict[tuple, dict[str, float]] = {}
 PACKED_MEMORY_SHARE = 0.25
 
 
-def _available_bytes() -> int | None:
-    """The memory the kernel could give this process now (``MemAvailable``), None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _copy_fits(weight: torch.Tensor) -> bool:
-    available = _available_bytes()
+    from kdtune.training.memory import free_bytes  # here: kdtune.training imports this module
+
+    available = free_bytes(weight.device)
     return available is None or weight.numel() * weight.element_size() <= PACKED_MEMORY_SHARE * available
 
 

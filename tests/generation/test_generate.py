@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kdtune.training.memory as memory
 from kdtune.checkpointing import load_model
 from kdtune.datasets import IGNORE_INDEX, collate, prompt_completion_sample
 from kdtune.errors import KDTuneError
@@ -258,7 +259,7 @@ def test_the_packed_head_is_left_out_where_its_copy_would_take_too_much_memory(a
     quarter of the memory available (unknown: allowed), whatever the timings say."""
     module = importlib.import_module("kdtune.generation.generate")
     weight = torch.randn(4000, 16)  # 256,000 bytes: a quarter of 1,024,000
-    monkeypatch.setattr(module, "_available_bytes", lambda: available)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: available)
     key = (weight.device, weight.dtype, tuple(weight.shape), 3, torch.get_num_threads())
     monkeypatch.setattr(module, "_HEADS", {key: {"linear": 1.0, "vocab-major": 2.0, "packed": 0.0, "setup": 0.0}})
     offered = []
@@ -271,8 +272,3 @@ def test_the_packed_head_is_left_out_where_its_copy_would_take_too_much_memory(a
     assert ("packed" in offered[0]) == packed
     assert module._copy_fits(weight) == packed
 
-
-def test_the_available_memory_is_read_from_the_kernel():
-    module = importlib.import_module("kdtune.generation.generate")
-    available = module._available_bytes()
-    assert available is None or 0 < available < 2**50
