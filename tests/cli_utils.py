@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "tests" / "assets"
 
-_IMPORT_TIME = ("OMP_", "MKL_", "KMP_", "GOMP_", "THP_", "TORCH", "PYTHON", "LD_", "CUDA_", "OPENBLAS_")
+_IMPORT_TIME = ("OMP_", "MKL_", "KMP_", "GOMP_", "THP_", "TORCH", "PYTHON", "LD_", "CUDA_", "OPENBLAS_", "GLIBC_")
 
 # The warm process: reads one JSON request a line, forks, answers with the child's exit status.
 _SERVER = r"""
