@@ -157,7 +157,9 @@ def _packable(weight: torch.Tensor) -> bool:
 
 def output_head(weight: torch.Tensor, rows: int, steps: int = 1):
     """The decode step's output projection for ``steps`` calls: a function ``h [rows, d] -> logits
-    [rows, V]``, at least float32, contiguous, and valid until the next call (a buffer is reused).
+    [rows, V]`` in the weight's dtype, valid until the next call (a buffer is reused), in the layout
+    its form makes: row-major, or vocabulary-major (a transposed view; `sample_next` takes either,
+    and greedy choice then needs no copy).
 
     Forms of the same product, each timed once per shape, and the one with the least time for
     ``steps`` calls kept: ``F.linear`` ("linear"); the vocabulary-major ``weight @ h.T``
@@ -171,25 +173,21 @@ def output_head(weight: torch.Tensor, rows: int, steps: int = 1):
     """
     vocab, width = weight.shape
     device, threads = weight.device, torch.get_num_threads()
-    logits = torch.empty(rows, vocab, dtype=torch.promote_types(weight.dtype, torch.float32), device=device)
-
-    def widened(product):
-        return product if product.dtype == logits.dtype else logits.copy_(product)
 
     def make(form):
         if form == "linear":
-            product = logits if logits.dtype == weight.dtype else torch.empty_like(logits, dtype=weight.dtype)
-            return lambda h: widened(torch.mm(h, weight.T, out=product))
+            logits = torch.empty(rows, vocab, dtype=weight.dtype, device=device)
+            return lambda h: torch.mm(h, weight.T, out=logits)
         if form == "packed":
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-            return lambda h: widened(torch.ops.mkldnn._linear_pointwise(h.contiguous(), packed, None, "none", [], ""))
+            return lambda h: torch.ops.mkldnn._linear_pointwise(h.contiguous(), packed, None, "none", [], "")
         blocks = threads if form == "blocks" else 1
         per_block = weight.view(blocks, vocab // blocks, width)  # splitting the vocabulary: a view of any strides
         columns = torch.empty(blocks, vocab // blocks, rows, dtype=weight.dtype, device=device)
 
-        def in_columns(h):  # the transposing copy widens too
+        def in_columns(h):  # [V, rows] in memory: the logits as a transposed view, not copied
             torch.bmm(per_block, h.T.expand(blocks, width, rows), out=columns)
-            return logits.copy_(columns.view(vocab, rows).T)
+            return columns.view(vocab, rows).T
         return in_columns
 
     key = (device, weight.dtype, tuple(weight.shape), rows, threads)
@@ -250,7 +248,7 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, vocab_
     stop_ids = stop_ids.to(device)
     weight = model.output_weight[:vocab_size]  # merged once for a LoRA output layer
     project, cap = output_head(weight, batch, max_new_tokens), model.args.final_logit_softcapping
-    head = project if cap is None else (lambda h: softcap(project(h), cap))
+    head = project if cap is None else (lambda h: softcap(project(h).float(), cap))  # capped in float32
     if use_cache:
         model.setup_caches(batch, total - 1)  # the last token is returned, never fed
 

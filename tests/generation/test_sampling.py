@@ -87,10 +87,20 @@ def test_first_argmax_is_torch_argmax(dtype, vocab):
     logits[8, -1] = 9.0  # the last column
     logits[9] = logits[9].round()  # many ties
     assert torch.equal(first_argmax(logits), logits.argmax(-1))
-    transposed = logits.T.contiguous().T
+    transposed = logits.T.contiguous().T  # vocabulary-major, as the output head's batched forms give them
     assert torch.equal(first_argmax(transposed), logits.argmax(-1))
+    assert torch.equal(sample_next(transposed), logits.argmax(-1))
+    strided = torch.stack([logits, logits], -1)[..., 0]  # neither layout: torch.argmax itself
+    assert torch.equal(first_argmax(strided), logits.argmax(-1))
 
 
 def test_greedy_choice_matches_torch_argmax_on_a_real_sized_vocabulary():
     logits = torch.randn(8, 151936, generator=torch.Generator().manual_seed(1)).bfloat16()
     assert torch.equal(sample_next(logits), logits.float().argmax(-1))
+    assert torch.equal(sample_next(logits.T.contiguous().T), logits.float().argmax(-1))
+
+
+def test_sampling_from_vocabulary_major_logits_draws_what_row_major_ones_draw():
+    logits = torch.randn(4, 1024, generator=torch.Generator().manual_seed(2)).bfloat16()
+    draw = lambda x: sample_next(x, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(draw(logits.T.contiguous().T), draw(logits))
