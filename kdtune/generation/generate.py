@@ -194,7 +194,7 @@ def output_head(weight: torch.Tensor, rows: int, steps: int = 1):
     if key not in _HEADS:
         _HEADS[key] = _time_forms(make, weight, rows, threads)
     seconds = _HEADS[key]
-    if "packed" in seconds and weight.device.type == "cpu" and not _copy_fits(weight):
+    if "packed" in seconds and not _copy_fits(weight):  # memory now, not when the forms were timed
         seconds = {form: s for form, s in seconds.items() if form not in ("packed", "setup")}
     return make(_cheapest(seconds, steps))
 

@@ -274,4 +274,3 @@ def test_the_packed_head_is_left_out_where_its_copy_would_take_too_much_memory(a
     torch.testing.assert_close(module.output_head(weight, 3)(h), h @ weight.T, rtol=1e-5, atol=1e-5)
     assert ("packed" in offered[0]) == packed
     assert module._copy_fits(weight) == packed
-
